@@ -1,0 +1,31 @@
+# `make demo` and `make test` work on a fresh machine: they make .venv and install with the pinned constraints.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	@# torch first, pinned: an unpinned torch would pull several GB of CUDA wheels
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt torch
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/kdsearch run --num-samples 24 --experiment kdsearch-demo
+	$(BIN)/kdsearch export --experiment kdsearch-demo --max-latency-ms 2 --out exports/demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/trainer_overhead.py
+	$(BIN)/python benchmarks/compression.py
+
+clean:
+	rm -rf $(VENV) mlflow.db exports build *.egg-info

@@ -1,0 +1,1 @@
+"""The driver: CLI, Ray Tune wiring, schedulers, Pareto front, MLflow tracking and export."""

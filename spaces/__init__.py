@@ -1,0 +1,25 @@
+"""Declared search spaces: the schema, the student families and the built-in space files."""
+
+from spaces.families import Family, KnobModel, StagedNet, family_names, get_family, register_family
+from spaces.knobs import Choice, Fixed, FloatRange, IntRange, PinnedSuggester, RandomSuggester, Suggester
+from spaces.schema import (
+    DEFAULT_SPACE,
+    CompressConfig,
+    DataConfig,
+    DistillConfig,
+    Space,
+    SpaceError,
+    TeacherConfig,
+    TrainConfig,
+    TrialConfig,
+    import_ref,
+    load_space,
+    parse_space,
+)
+
+__all__ = [
+    "Choice", "CompressConfig", "DEFAULT_SPACE", "DataConfig", "DistillConfig", "Family", "Fixed",
+    "FloatRange", "IntRange", "KnobModel", "PinnedSuggester", "RandomSuggester", "Space", "SpaceError",
+    "StagedNet", "Suggester", "TeacherConfig", "TrainConfig", "TrialConfig", "family_names", "get_family",
+    "import_ref", "load_space", "parse_space", "register_family",
+]

@@ -1,0 +1,403 @@
+"""The search-space file: loading, validation and sampling.
+
+A space file declares the data, the teacher, the student families with their knobs, the
+distillation, training and compression knobs, the objectives and the constraints. Every
+error names the field path and the fix in one line (:class:`SpaceError`), because a search
+that dies an hour in on a typo is the worst way to learn about it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from torch import nn
+
+from spaces.families import Family, KnobModel, get_family, family_names
+from spaces.knobs import Choice, Fixed, FloatRange, IntRange, Knob, RandomSuggester, Suggester
+
+BUILTIN_DIR = Path(__file__).parent
+DEFAULT_SPACE = BUILTIN_DIR / "digits.yaml"
+
+#: metric name -> whether a user may declare it as an objective or constraint
+KNOWN_METRICS = ("val_acc", "latency_ms", "params", "macs", "size_bytes")
+CONSTRAINT_KEYS = {f"max_{m}": m for m in ("params", "macs", "size_bytes", "latency_ms")} | {"min_val_acc": "val_acc"}
+
+
+class SpaceError(ValueError):
+    """A space file (or pinned parameters) that cannot be used; ``str()`` is one line."""
+
+    def __init__(self, path: str, problem: str, fix: str) -> None:
+        self.path, self.problem, self.fix = path, problem, fix
+        super().__init__(f"{path}: {problem}; fix: {fix}")
+
+
+def import_ref(ref: str, path: str) -> Any:
+    """Import ``module:attr``: the only way user code enters kdsearch."""
+    module_name, sep, attr = ref.partition(":")
+    if not sep or not module_name or not attr:
+        raise SpaceError(path, f"{ref!r} is not a module:attr reference", "write it as 'package.module:name'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise SpaceError(path, f"cannot import {ref!r} ({exc})", "check the module is on PYTHONPATH and the name exists") from None
+    return obj
+
+
+# --------------------------------------------------------------------------- fixed sections
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(Strict):
+    source: str = Field("digits", description="digits | npz | cifar10 | image_folder | module:attr")
+    path: Optional[str] = None
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    seed: int = 0
+    image_size: Optional[int] = Field(None, ge=4, description="image_folder: resize to this square size")
+    options: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for a module:attr source")
+
+
+class TeacherConfig(Strict):
+    """Exactly one of: a built-in ``family`` (trained on first use and cached), a ``path``
+    to a torch.export (.pt2) or TorchScript file, or a ``module`` builder with a ``state_dict``."""
+
+    family: Optional[str] = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    epochs: int = Field(30, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    batch_size: int = Field(64, ge=1)
+    seed: int = 0
+    path: Optional[str] = None
+    module: Optional[str] = None
+    state_dict: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "TeacherConfig":
+        kinds = [k for k in ("family", "path", "module") if getattr(self, k)]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of family, path or module")
+        return self
+
+
+# --------------------------------------------------------------------------- searched sections
+
+
+class DistillConfig(KnobModel):
+    temperature: float = Field(4.0, gt=0.0, le=100.0)
+    alpha: float = Field(0.7, ge=0.0, le=1.0, description="weight of the KD term; 1 - alpha weighs label CE")
+    hint_stages: str = Field("none", description="none | last | all | comma-separated teacher stage indices")
+    hint_weight: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _stages(self) -> "DistillConfig":
+        if self.hint_stages not in ("none", "last", "all"):
+            parts = self.hint_stages.split(",")
+            if not all(p.strip().isdigit() for p in parts):
+                raise ValueError("hint_stages must be none, last, all or indices like '0,2'")
+        return self
+
+
+class TrainConfig(KnobModel):
+    epochs: int = Field(10, ge=1, le=10_000)
+    batch_size: int = Field(64, ge=1)
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(3e-3, gt=0.0, le=10.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd only")
+
+
+class CompressConfig(KnobModel):
+    prune_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of channels removed")
+    prune_criterion: Literal["l1", "l2", "taylor"] = "l1"
+    finetune_epochs: int = Field(2, ge=0)
+    quantize: Literal["none", "dynamic_int8", "static_int8"] = "none"
+    calib_batches: int = Field(8, ge=1)
+
+
+SEARCHED_SECTIONS: dict[str, type[KnobModel]] = {"distill": DistillConfig, "train": TrainConfig, "compress": CompressConfig}
+
+
+# --------------------------------------------------------------------------- knob parsing
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    return err["msg"][0].lower() + err["msg"][1:]
+
+
+def _check_value(model: Optional[type[KnobModel]], key: str, value: Any, path: str) -> Any:
+    """Validate one value of knob ``key`` against the section's model; return the coerced value."""
+    if model is None:
+        return value
+    try:
+        return getattr(model.model_validate({key: value}), key)
+    except ValidationError as exc:
+        field_info = model.model_fields[key]
+        hint = f"a value like {field_info.default!r}"
+        if field_info.description:
+            hint += f" ({field_info.description})"
+        raise SpaceError(path, f"{_first_error(exc)}, got {value!r}", f"give {hint}, a {{choice: [...]}} or a {{low, high}} range") from None
+
+
+def parse_knob(model: Optional[type[KnobModel]], key: str, raw: Any, path: str) -> Knob:
+    """One knob from its space-file form; values are checked against ``model``'s field."""
+    if model is not None and key not in model.model_fields:
+        known = ", ".join(model.model_fields)
+        raise SpaceError(path, f"unknown knob {key!r}", f"use one of: {known}")
+    if isinstance(raw, dict) and "choice" in raw:
+        if set(raw) != {"choice"} or not isinstance(raw["choice"], list) or not raw["choice"]:
+            raise SpaceError(path, "a choice needs one non-empty list", "write {choice: [a, b, ...]}")
+        return Choice(tuple(_check_value(model, key, v, f"{path}.choice[{i}]") for i, v in enumerate(raw["choice"])))
+    if isinstance(raw, dict) and ("low" in raw or "high" in raw):
+        extra = set(raw) - {"low", "high", "log", "step"}
+        if extra or "low" not in raw or "high" not in raw:
+            raise SpaceError(path, f"a range needs low and high (got keys {sorted(raw)})", "write {low: a, high: b, log: false}")
+        low = _check_value(model, key, raw["low"], f"{path}.low")
+        high = _check_value(model, key, raw["high"], f"{path}.high")
+        if isinstance(low, bool) or not isinstance(low, (int, float)):
+            raise SpaceError(path, f"a range needs numbers, got {raw['low']!r}", "use a {choice: [...]} for non-numeric knobs")
+        if low > high:
+            raise SpaceError(path, f"low {low} is above high {high}", "swap them")
+        log = bool(raw.get("log", False))
+        if log and low <= 0:
+            raise SpaceError(f"{path}.low", "a log range needs low > 0", "raise low or set log: false")
+        if isinstance(low, int) and isinstance(high, int):
+            return IntRange(low, high, log, int(raw.get("step", 1)))
+        return FloatRange(float(low), float(high), log)
+    if isinstance(raw, dict):
+        raise SpaceError(path, f"cannot read {raw!r} as a knob", "give a value, {choice: [...]} or {low, high}")
+    return Fixed(_check_value(model, key, raw, path))
+
+
+def parse_section(model: Optional[type[KnobModel]], raw: Any, path: str) -> dict[str, Knob]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise SpaceError(path, f"expected a mapping of knobs, got {type(raw).__name__}", "write knob: value pairs")
+    return {key: parse_knob(model, key, value, f"{path}.{key}") for key, value in raw.items()}
+
+
+# --------------------------------------------------------------------------- the space
+
+
+@dataclass(frozen=True)
+class StudentFamily:
+    """A family as declared in a space: the registered family (or a user builder) and its knobs."""
+
+    name: str
+    family: Optional[Family]
+    builder: Optional[Callable[..., nn.Module]]
+    knobs: dict[str, Knob]
+
+    def build(self, config: dict[str, Any], input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+        if self.family is not None:
+            return self.family.build(self.family.config.model_validate(config), input_shape, num_classes)
+        assert self.builder is not None
+        return self.builder(config, input_shape, num_classes)
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """A sampled point of the space, resolved to typed sections."""
+
+    family: str
+    student: dict[str, Any]
+    distill: DistillConfig
+    train: TrainConfig
+    compress: CompressConfig
+    params: dict[str, Any] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Space:
+    name: str
+    data: DataConfig
+    teacher: TeacherConfig
+    students: dict[str, StudentFamily]
+    sections: dict[str, dict[str, Knob]]
+    objectives: dict[str, Literal["max", "min"]]
+    constraints: dict[str, float]
+    source: Optional[Path] = None
+    text: str = ""
+
+    # ---- sampling ------------------------------------------------------------------
+
+    def sample(self, suggester: Suggester) -> dict[str, Any]:
+        """One flat configuration (``student.family``, ``student.cnn.kernel``, ``train.lr``, ...).
+
+        Works as an Optuna define-by-run function: family knobs are conditional on the family.
+        """
+        params: dict[str, Any] = {}
+        family_knob = Choice(tuple(self.students)) if len(self.students) > 1 else Fixed(next(iter(self.students)))
+        family = family_knob.sample("student.family", suggester)
+        params["student.family"] = family
+        for key, knob in self.students[family].knobs.items():
+            name = f"student.{family}.{key}"
+            params[name] = knob.sample(name, suggester)
+        for section, knobs in self.sections.items():
+            for key, knob in knobs.items():
+                name = f"{section}.{key}"
+                params[name] = knob.sample(name, suggester)
+        return params
+
+    def sample_random(self, seed: Optional[int] = None) -> dict[str, Any]:
+        return self.sample(RandomSuggester(seed))
+
+    def knob(self, name: str) -> Knob:
+        """The knob behind a flat parameter name."""
+        parts = name.split(".")
+        if name == "student.family":
+            return Choice(tuple(self.students))
+        if parts[0] == "student" and len(parts) == 3 and parts[1] in self.students:
+            knob = self.students[parts[1]].knobs.get(parts[2])
+        elif len(parts) == 2 and parts[0] in self.sections:
+            knob = self.sections[parts[0]].get(parts[1])
+        else:
+            knob = None
+        if knob is None:
+            raise SpaceError(f"params.{name}", "no such knob in this space", "run `kdsearch validate` to list the knobs")
+        return knob
+
+    def resolve(self, params: dict[str, Any]) -> TrialConfig:
+        """Typed sections from a flat configuration; unknown names or out-of-space values raise."""
+        for name, value in params.items():
+            knob = self.knob(name)
+            if not isinstance(knob, Fixed) and not knob.contains(value):
+                raise SpaceError(f"params.{name}", f"{value!r} is outside the space {knob.describe()}", "pick a value inside it")
+        family = params.get("student.family")
+        if family not in self.students:
+            raise SpaceError("params.student.family", f"{family!r} is not a family of this space", f"use one of {list(self.students)}")
+        prefix = f"student.{family}."
+        student = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+        typed = {}
+        for section, model in SEARCHED_SECTIONS.items():
+            values = {k.split(".", 1)[1]: v for k, v in params.items() if k.startswith(section + ".")}
+            try:
+                typed[section] = model.model_validate(values)
+            except ValidationError as exc:
+                loc = ".".join(str(p) for p in exc.errors()[0]["loc"])
+                raise SpaceError(f"params.{section}.{loc}", _first_error(exc), "pick a valid value") from None
+        return TrialConfig(family, student, typed["distill"], typed["train"], typed["compress"], dict(params))
+
+    def build_student(self, config: TrialConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+        return self.students[config.family].build(config.student, input_shape, num_classes)
+
+    # ---- description ---------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """The resolved space as plain data (what `kdsearch validate` prints)."""
+        return {
+            "name": self.name,
+            "data": self.data.model_dump(exclude_none=True),
+            "teacher": self.teacher.model_dump(exclude_none=True),
+            "students": {n: {k: v.describe() for k, v in f.knobs.items()} for n, f in self.students.items()},
+            **{s: {k: v.describe() for k, v in knobs.items()} for s, knobs in self.sections.items()},
+            "objectives": dict(self.objectives),
+            "constraints": dict(self.constraints),
+        }
+
+
+TOP_LEVEL = ("name", "data", "teacher", "students", "distill", "train", "compress", "objectives", "constraints")
+
+
+def _strict(model: type[BaseModel], raw: Any, path: str) -> Any:
+    try:
+        return model.model_validate(raw or {})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        where = f"{path}.{loc}" if loc else path
+        fields = ", ".join(model.model_fields)
+        raise SpaceError(where, _first_error(exc), f"see the fields of {path}: {fields}") from None
+
+
+def _parse_students(raw: Any) -> dict[str, StudentFamily]:
+    if not isinstance(raw, dict) or not raw:
+        raise SpaceError("students", "needs at least one family", f"declare one of: {', '.join(family_names())}")
+    students = {}
+    for name, knobs in raw.items():
+        path = f"students.{name}"
+        knobs = dict(knobs or {})
+        ref = knobs.pop("builder", None)
+        if ref is not None:
+            obj = import_ref(ref, f"{path}.builder")
+            if isinstance(obj, Family):
+                students[name] = StudentFamily(name, obj, None, parse_section(obj.config, knobs, path))
+            elif callable(obj):
+                students[name] = StudentFamily(name, None, obj, parse_section(None, knobs, path))
+            else:
+                raise SpaceError(f"{path}.builder", f"{ref!r} is neither a Family nor callable", "point to a builder function")
+            continue
+        try:
+            family = get_family(name)
+        except KeyError as exc:
+            raise SpaceError(path, str(exc.args[0]), "use a built-in family name or add `builder: module:attr`") from None
+        students[name] = StudentFamily(name, family, None, parse_section(family.config, knobs, path))
+    return students
+
+
+def parse_space(raw: Any, source: Optional[Path] = None, text: str = "") -> Space:
+    """Validate a space already read from YAML."""
+    if not isinstance(raw, dict):
+        raise SpaceError("<space>", "the file is not a mapping", "start from spaces/digits.yaml")
+    unknown = set(raw) - set(TOP_LEVEL)
+    if unknown:
+        raise SpaceError(sorted(unknown)[0], "unknown section", f"use only: {', '.join(TOP_LEVEL)}")
+    data = _strict(DataConfig, raw.get("data"), "data")
+    teacher = _strict(TeacherConfig, raw.get("teacher"), "teacher")
+    if teacher.family:
+        try:
+            fam = get_family(teacher.family)
+        except KeyError as exc:
+            raise SpaceError("teacher.family", str(exc.args[0]), "use a built-in family") from None
+        for key, value in teacher.config.items():
+            parse_knob(fam.config, key, value, f"teacher.config.{key}")
+            if isinstance(value, dict):
+                raise SpaceError(f"teacher.config.{key}", "a teacher's knobs are fixed values", "give one value")
+    students = _parse_students(raw.get("students"))
+    sections = {s: parse_section(m, raw.get(s), s) for s, m in SEARCHED_SECTIONS.items()}
+    objectives = raw.get("objectives") or {"val_acc": "max", "latency_ms": "min", "params": "min"}
+    if not isinstance(objectives, dict):
+        raise SpaceError("objectives", "expected a mapping metric: max|min", "write e.g. {val_acc: max, params: min}")
+    for metric, direction in objectives.items():
+        if metric not in KNOWN_METRICS:
+            raise SpaceError(f"objectives.{metric}", "unknown metric", f"use one of: {', '.join(KNOWN_METRICS)}")
+        if direction not in ("max", "min"):
+            raise SpaceError(f"objectives.{metric}", f"direction {direction!r}", "write max or min")
+    constraints = raw.get("constraints") or {}
+    if not isinstance(constraints, dict):
+        raise SpaceError("constraints", "expected a mapping", "write e.g. {max_params: 100000}")
+    for key, value in constraints.items():
+        if key not in CONSTRAINT_KEYS:
+            raise SpaceError(f"constraints.{key}", "unknown constraint", f"use one of: {', '.join(CONSTRAINT_KEYS)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise SpaceError(f"constraints.{key}", f"expected a positive number, got {value!r}", "give a number")
+    name = str(raw.get("name") or (source.stem if source else "space"))
+    return Space(name, data, teacher, students, sections, dict(objectives), dict(constraints), source, text)
+
+
+def load_space(path: str | Path | None = None) -> Space:
+    """Read and validate a space file; ``None`` is the built-in digits space."""
+    path = Path(path) if path is not None else DEFAULT_SPACE
+    if not path.is_file() and (BUILTIN_DIR / f"{path}.yaml").is_file():
+        path = BUILTIN_DIR / f"{path}.yaml"
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpaceError(str(path), f"cannot read the space file ({exc.strerror})", "check the path") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise SpaceError(str(path), f"not valid YAML{where}", "fix the YAML syntax") from None
+    return parse_space(raw, path, text)

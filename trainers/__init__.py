@@ -1,0 +1,1 @@
+"""One trial: data, teachers, distillation losses, compression and measurement."""
