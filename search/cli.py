@@ -1,0 +1,143 @@
+"""``kdsearch``: the command line.
+
+Bad input ends with one line naming the field and the fix, exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Callable, Optional
+
+from spaces import PinnedSuggester, RandomSuggester, Space, SpaceError, load_space
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line, exit code 2."""
+
+
+def _space(path: Optional[str]) -> Space:
+    return load_space(path)
+
+
+def _echo(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- validate
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    import yaml
+
+    space = _space(args.space)
+    print(yaml.safe_dump(space.describe(), sort_keys=False, default_flow_style=None).rstrip())
+    print(f"# ok: {space.source}", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------- trial
+
+
+def sample_params(space: Space, pinned_json: Optional[str], seed: int) -> dict[str, Any]:
+    """A configuration: the pinned values from ``--params`` and the rest sampled with ``seed``."""
+    pinned: dict[str, Any] = {}
+    if pinned_json:
+        try:
+            pinned = json.loads(pinned_json)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"--params: not valid JSON ({exc.msg}); fix: pass an object like '{{\"train.lr\": 0.01}}'") from None
+        if not isinstance(pinned, dict):
+            raise UserError("--params: expected a JSON object; fix: pass an object like '{\"train.lr\": 0.01}'")
+    suggester = PinnedSuggester(pinned, RandomSuggester(seed))
+    params = space.sample(suggester)
+    for name in pinned:
+        if name not in suggester.used:
+            params[name] = pinned[name]  # fixed knobs and other families' knobs: resolve() judges them
+    space.resolve(params)
+    return params
+
+
+def cmd_trial(args: argparse.Namespace) -> int:
+    from trainers.trial import TrialDiverged, prepare, run_trial
+
+    space = _space(args.space)
+    params = sample_params(space, args.params, args.seed)
+    _echo(f"trial: {params['student.family']} student on {space.data.source}, seed {args.seed}")
+    context = prepare(space)
+    _echo(f"teacher: {context.targets.description}, val_acc {context.targets.val_acc:.4f}")
+
+    def progress(metrics: dict[str, Any], state: Any = None) -> None:
+        if "latency_ms" not in metrics:
+            _echo(f"  epoch {metrics['epoch']:>3}  {metrics['phase']:<8} loss {metrics['train_loss']:.4f}  val_acc {metrics['val_acc']:.4f}")
+
+    try:
+        result = run_trial(space, params, progress, context=context, seed=args.seed, epochs=args.epochs,
+                           artifact_dir=args.out)
+    except TrialDiverged as exc:
+        raise UserError(f"trial failed: {exc}; fix: lower train.lr or change the seed") from None
+    _echo(
+        f"val_acc {result['val_acc']:.4f} (teacher {result['teacher_val_acc']:.4f})  params {result['params']:,}  "
+        f"macs {result['macs']:,}  size {result['size_bytes']:,} B  latency {result['latency_ms']:.3f} ms "
+        f"(IQR {result['latency_iqr_ms']:.3f})  in {result['train_seconds']:.1f} s"
+    )
+    print(json.dumps(result, default=str))
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdsearch", description="Search knowledge-distillation students with Ray Tune.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs and warnings")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check a space file and print it resolved")
+    p.add_argument("space", nargs="?", help="space file (default: the built-in digits space)")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("trial", help="run one distillation trial")
+    p.add_argument("space", nargs="?", help="space file (default: the built-in digits space)")
+    p.add_argument("--params", help="JSON object pinning knobs, e.g. '{\"student.family\": \"cnn\"}'")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, help="distillation epochs (default: the space's train.epochs)")
+    p.add_argument("--out", help="folder for the student artifact")
+    p.set_defaults(func=cmd_trial)
+
+    return parser
+
+
+def _quiet(verbose: bool) -> None:
+    import os
+    import warnings
+
+    level = logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    if not verbose:
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")
+        for name in ("ray", "mlflow", "optuna", "alembic", "urllib3", "torch"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet(args.verbose)
+    try:
+        return args.func(args)
+    except (SpaceError, UserError) as exc:
+        print(f"kdsearch: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("kdsearch: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

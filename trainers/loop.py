@@ -1,0 +1,61 @@
+"""The training loop shared by teachers and students: optimiser, one epoch, divergence check."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from spaces import TrainConfig
+from trainers.data import batches
+
+
+class TrialDiverged(RuntimeError):
+    """The loss became NaN or infinite: the trial ends as failed, the search goes on."""
+
+
+StepLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def make_optimizer(params: Iterable[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    params = list(params)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay, nesterov=True)
+    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def cosine_lr(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Cosine decay over the whole run: short budgets still end at a low learning rate."""
+    total = max(total_steps, 1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+
+
+def train_epoch(modules: nn.Module, dataset: Dataset, batch_size: int, seed: int,
+                optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                step_loss: StepLoss, epoch: int, device: str = "cpu") -> float:
+    """One pass over ``dataset``; returns the mean loss, raises :class:`TrialDiverged` on NaN/inf."""
+    modules.train()
+    total, count = 0.0, 0
+    for idx, x, y in batches(dataset, batch_size, shuffle=True, seed=seed + epoch):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")
+                            and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+            loss = step_loss(idx, x, y)
+        if not torch.isfinite(loss):
+            raise TrialDiverged(f"diverged: loss became {loss.item()} in epoch {epoch + 1}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += loss.item() * len(y)
+        count += len(y)
+    return total / max(count, 1)
+
+
+def steps_per_epoch(dataset: Dataset, batch_size: int) -> int:
+    return math.ceil(len(dataset) / batch_size)  # type: ignore[arg-type]

@@ -1,0 +1,92 @@
+"""Measurement of a student for real: accuracy, parameters, MACs and batch-1 latency.
+
+Latency follows one protocol everywhere so figures compare: batch 1, one thread, inference
+mode, warm-up, then the median and inter-quartile range of at least 30 timed runs.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from torch.utils.flop_counter import FlopCounterMode
+
+from trainers.data import batches
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 512, device: str = "cpu") -> float:
+    """Top-1 accuracy over ``dataset``."""
+    model.eval()
+    correct = total = 0
+    for _, x, y in batches(dataset, batch_size):
+        pred = model(x.to(device)).argmax(dim=-1).cpu()
+        correct += int((pred == y).sum())
+        total += len(y)
+    return correct / max(total, 1)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass on ``example`` (FLOPs / 2).
+
+    Count on the float model: FLOP counters read zero on quantized kernels.
+    """
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(example)
+    model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+@dataclass(frozen=True)
+class Latency:
+    median_ms: float
+    iqr_ms: float
+    runs: int
+    threads: int
+    device: str
+    cpu_capability: str
+
+    def as_metrics(self) -> dict:
+        d = asdict(self)
+        return {"latency_ms": d.pop("median_ms"), "latency_iqr_ms": d.pop("iqr_ms"),
+                **{f"latency_{k}": v for k, v in d.items()}}
+
+
+def device_name() -> str:
+    return platform.processor() or platform.machine()
+
+
+def measure_latency(model: nn.Module, example: torch.Tensor, runs: int = 50, warmup: int = 10,
+                    threads: int = 1) -> Latency:
+    """Batch-1 latency of ``model`` on the CPU with the protocol above."""
+    if runs < 30:
+        raise ValueError("latency needs at least 30 timed runs to be comparable")
+    model = model.eval().cpu()
+    x = example[:1].cpu()
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                model(x)
+            times = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                model(x)
+                times.append((time.perf_counter() - start) * 1e3)
+    finally:
+        torch.set_num_threads(saved_threads)
+    q1, _, q3 = statistics.quantiles(times, n=4)
+    return Latency(statistics.median(times), q3 - q1, runs, threads, device_name(),
+                   torch.backends.cpu.get_cpu_capability())
