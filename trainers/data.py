@@ -9,12 +9,19 @@ by sample index.
 from __future__ import annotations
 
 import hashlib
+import inspect
+import json
+import os
+import pickle
+import re
+import zipfile
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from spaces import DataConfig, SpaceError, import_ref
 
@@ -63,10 +70,13 @@ def source_names() -> list[str]:
 
 
 def load_data(config: DataConfig) -> DataBundle:
-    """The bundle a space's ``data`` section declares (a registered name or ``module:attr``)."""
+    """The bundle a space's ``data`` section declares (a registered name or ``module:attr``).
+
+    A ``module:attr`` source is called as ``attr(**config.options)``; see :func:`load_user_source`.
+    """
     if ":" in config.source:
-        loader = import_ref(config.source, "data.source")
-    elif config.source in _SOURCES:
+        return load_user_source(config)
+    if config.source in _SOURCES:
         loader = _SOURCES[config.source]
     else:
         raise SpaceError("data.source", f"unknown source {config.source!r}", f"use one of {source_names()} or module:attr")
@@ -153,3 +163,494 @@ def batches(dataset: Dataset, batch_size: int, *, shuffle: bool = False, seed: i
     )
     for idx, x, y in loader:
         yield idx, x.float(), torch.as_tensor(y, dtype=torch.int64)
+
+
+# --------------------------------------------------------------------------- shared checks
+
+
+def _data_path(config: DataConfig, what: str, *, is_dir: bool) -> Path:
+    """The existing file or folder ``data.path`` names; one clear :class:`SpaceError` otherwise."""
+    if not config.path:
+        raise SpaceError("data.path", f"the {config.source} source needs a path", f"set data.path to {what}")
+    path = Path(config.path).expanduser()
+    if not path.exists():
+        raise SpaceError("data.path", f"{str(path)!r} does not exist", f"set data.path to {what}")
+    if is_dir and not path.is_dir():
+        raise SpaceError("data.path", f"{str(path)!r} is not a folder", f"set data.path to {what}")
+    if not is_dir and not path.is_file():
+        raise SpaceError("data.path", f"{str(path)!r} is not a file", f"set data.path to {what}")
+    return path
+
+
+def as_labels(y: Any, key: str, field: str = "data.path") -> np.ndarray:
+    """Class indices as an int64 (N,) array; (N, 1) columns and integral floats are accepted.
+
+    One-hot rows, negative or fractional labels are refused here because they would otherwise
+    surface much later as a cryptic cross-entropy error.
+    """
+    y = y.numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise SpaceError(field, f"{key} has shape {y.shape}, expected (N,) class indices", "store integer labels, not one-hot rows")
+    if y.dtype.kind == "f":
+        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+            raise SpaceError(field, f"{key} holds non-integer values", "store integer class indices 0..K-1")
+    elif y.dtype.kind not in "iub":
+        raise SpaceError(field, f"{key} has dtype {y.dtype}", "store integer class indices 0..K-1")
+    if len(y) and y.min() < 0:
+        raise SpaceError(field, f"{key} holds negative labels", "store class indices 0..K-1")
+    return y.astype(np.int64)
+
+
+def _guess_layout(shape: tuple[int, ...], key: str, field: str) -> str:
+    """``"nchw"`` or ``"nhwc"`` for a 4-d image array: channels are the axis of size 1, 3 or 4."""
+    if shape[1] in (1, 3):
+        return "nchw"
+    if shape[3] in (1, 3, 4):
+        return "nhwc"
+    if shape[1] == 4:
+        return "nchw"
+    raise SpaceError(field, f"cannot tell the channel axis of {key} with shape {shape}",
+                     "store (N, C, H, W) or (N, H, W, C) with C in 1, 3, 4, or set data.options.layout to nchw or nhwc")
+
+
+def as_inputs(x: Any, key: str, layout: Optional[str] = None, field: str = "data.path") -> np.ndarray:
+    """Inputs as float32 (N, F) feature vectors or (N, C, H, W) images.
+
+    (N, H, W) grey images get a channel axis; a 4-d array is channels-first or channels-last
+    (``layout`` forces one, otherwise it is guessed from the axis of size 1, 3 or 4). uint8
+    images are scaled to [0, 1] so a model sees the same range whichever way they were stored.
+    """
+    x = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if x.dtype.kind not in "uifb":
+        raise SpaceError(field, f"{key} has dtype {x.dtype}", "store numeric arrays")
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4:
+        if (layout or _guess_layout(x.shape, key, field)) == "nhwc":
+            x = x.transpose(0, 3, 1, 2)
+    elif x.ndim != 2:
+        raise SpaceError(field, f"{key} has shape {x.shape}", "store (N, F) features or (N, H, W), (N, C, H, W), (N, H, W, C) images")
+    scale = x.dtype == np.uint8 and x.ndim == 4
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if scale:
+        x /= 255.0
+    return x
+
+
+def _layout_option(config: DataConfig) -> Optional[str]:
+    """``data.options.layout`` (nchw | nhwc) when given: overrides the channel-axis guess."""
+    layout = config.options.get("layout")
+    if layout is not None and layout not in ("nchw", "nhwc"):
+        raise SpaceError("data.options.layout", f"unknown layout {layout!r}", "use nchw or nhwc")
+    return layout
+
+
+def _checked_pair(x: Any, y: Any, xkey: str, ykey: str, layout: Optional[str],
+                  field: str = "data.path") -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and labels of one split, converted and checked to have the same non-zero length."""
+    x, y = as_inputs(x, xkey, layout, field), as_labels(y, ykey, field)
+    if len(x) != len(y):
+        raise SpaceError(field, f"{xkey} has {len(x)} rows but {ykey} has {len(y)}", "give one label per sample")
+    if len(x) == 0:
+        raise SpaceError(field, f"{xkey} is empty", "give at least one sample")
+    return x, y
+
+
+def _arrays_bundle(train: tuple[Any, Any], val: Optional[tuple[Any, Any]], config: DataConfig, name: str,
+                   keys: Sequence[str], field: str = "data.path") -> DataBundle:
+    """Checked in-memory arrays -> :func:`in_memory_bundle` (split by seed when ``val`` is None)."""
+    layout = _layout_option(config)
+    shape = tuple(train[0].shape) if hasattr(train[0], "shape") else np.shape(train[0])
+    if layout is None and len(shape) == 4:
+        layout = _guess_layout(shape, keys[0], field)  # decided once, so val is read like train
+    x, y = _checked_pair(*train, keys[0], keys[1], layout, field)
+    if val is None:
+        if len(x) < 2:
+            raise SpaceError(field, f"{keys[0]} has {len(x)} sample, too few to split", "give at least 2 samples")
+        return in_memory_bundle(x, y, config, name)
+    x_va, y_va = _checked_pair(*val, keys[2], keys[3], layout, field)
+    if x_va.shape[1:] != x.shape[1:]:
+        raise SpaceError(field, f"{keys[2]} samples have shape {x_va.shape[1:]} but {keys[0]} {x.shape[1:]}",
+                         "store both splits with the same sample shape and layout")
+    return in_memory_bundle(x, y, config, name, val=(x_va, y_va))
+
+
+# --------------------------------------------------------------------------- npz
+
+NPZ_KEYS = ("x_train", "y_train", "x_val", "y_val")
+
+
+@register_source("npz")
+def load_npz(config: DataConfig) -> DataBundle:
+    """A ``.npz`` file (``numpy.savez``) at ``data.path``; read without pickle, so never unsafe.
+
+    Keys: ``x_train`` and ``y_train`` are required; ``x_val`` and ``y_val`` are optional (both
+    or neither) and, when absent, ``data.val_fraction`` of the training rows are held out by a
+    split seeded with ``data.seed``. Inputs may be (N, F) feature vectors or images laid out
+    (N, H, W), (N, C, H, W) or (N, H, W, C), uint8 or float; the channel axis is the one of size
+    1, 3 or 4 (set ``data.options.layout: nchw|nhwc`` when that is ambiguous). uint8 images are
+    scaled to [0, 1], then everything is standardised per channel (per feature for vectors) with
+    training statistics. Labels are (N,) integer class indices 0..K-1.
+    """
+    what = "a .npz file with x_train and y_train"
+    path = _data_path(config, what, is_dir=False)
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise SpaceError("data.path", f"cannot read {path.name} as .npz ({exc})", "save it with numpy.savez(path, x_train=..., y_train=...)") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise SpaceError("data.path", f"{path.name} holds one array, not a .npz archive", "save it with numpy.savez(path, x_train=..., y_train=...)")
+    with archive:
+        missing = [k for k in NPZ_KEYS[:2] if k not in archive.files]
+        if missing:
+            raise SpaceError("data.path", f"{path.name} lacks {', '.join(missing)} (has {', '.join(archive.files) or 'nothing'})",
+                             "save x_train and y_train (optionally x_val and y_val) with numpy.savez")
+        has_val = [k for k in NPZ_KEYS[2:] if k in archive.files]
+        if len(has_val) == 1:
+            raise SpaceError("data.path", f"{path.name} has {has_val[0]} without its partner", "save both x_val and y_val, or neither")
+        try:
+            arrays = {k: archive[k] for k in NPZ_KEYS if k in archive.files}
+        except ValueError as exc:  # object arrays need pickle, which stays off
+            raise SpaceError("data.path", f"cannot read {path.name} ({exc})", "save plain numeric arrays") from None
+    val = (arrays["x_val"], arrays["y_val"]) if has_val else None
+    return _arrays_bundle((arrays["x_train"], arrays["y_train"]), val, config, "npz", NPZ_KEYS)
+
+
+# --------------------------------------------------------------------------- cifar10
+
+CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_VAL = "test_batch"
+CIFAR10_DIR = "cifar-10-batches-py"
+
+
+def _cifar_folder(config: DataConfig) -> Path:
+    """The folder holding the batch files: ``data.path`` itself or its ``cifar-10-batches-py``."""
+    what = "the extracted cifar-10-batches-py folder (data_batch_1..5, test_batch)"
+    root = _data_path(config, what, is_dir=True)
+    if not (root / CIFAR10_VAL).is_file() and (root / CIFAR10_DIR).is_dir():
+        root = root / CIFAR10_DIR
+    missing = [f for f in (*CIFAR10_TRAIN, CIFAR10_VAL) if not (root / f).is_file()]
+    if missing:
+        raise SpaceError("data.path", f"{str(root)!r} lacks {', '.join(missing)}", f"set data.path to {what}")
+    return root
+
+
+def _cifar_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 python batch: uint8 images (N, 3, 32, 32) and labels (N,)."""
+    try:
+        with open(file, "rb") as f:
+            entry = pickle.load(f, encoding="bytes")  # the official format; trusted files only
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ValueError, TypeError) as exc:
+        raise SpaceError("data.path", f"cannot read {file.name} ({type(exc).__name__}: {exc})",
+                         "re-extract cifar-10-python.tar.gz") from None
+    if not isinstance(entry, dict):
+        raise SpaceError("data.path", f"{file.name} is not a CIFAR-10 batch", "re-extract cifar-10-python.tar.gz")
+    data = entry.get(b"data", entry.get("data"))
+    labels = entry.get(b"labels", entry.get("labels"))
+    if data is None or labels is None:
+        raise SpaceError("data.path", f"{file.name} lacks data or labels", "re-extract cifar-10-python.tar.gz")
+    data = np.asarray(data, dtype=np.uint8)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
+        raise SpaceError("data.path", f"{file.name} has data of shape {data.shape} for {len(labels)} labels",
+                         "re-extract cifar-10-python.tar.gz")
+    return data.reshape(-1, 3, 32, 32), as_labels(np.asarray(labels), f"{file.name} labels")
+
+
+@register_source("cifar10")
+def load_cifar10(config: DataConfig) -> DataBundle:
+    """CIFAR-10 in its *python* format: ``data_batch_1..5`` train, ``test_batch`` validates.
+
+    ``data.path`` is the extracted ``cifar-10-batches-py`` folder (or the folder containing it);
+    nothing is downloaded. The batch files are pickles, so this unpickles them: only point it at
+    files you trust. ``data.val_fraction`` is unused (the official test batch is the validation
+    set). Images are (3, 32, 32), scaled to [0, 1] and standardised per channel; all of it fits
+    in memory (about 0.7 GB as float32).
+    """
+    root = _cifar_folder(config)
+    parts = [_cifar_batch(root / f) for f in CIFAR10_TRAIN]
+    x_va, y_va = _cifar_batch(root / CIFAR10_VAL)
+    x = np.concatenate([p[0] for p in parts]).astype(np.float32)
+    x /= 255.0  # in place: one float32 copy of the training set, not two
+    y = np.concatenate([p[1] for p in parts])
+    return in_memory_bundle(x, y, config, "cifar10", val=(x_va.astype(np.float32) / 255.0, y_va))
+
+
+# --------------------------------------------------------------------------- image folder
+
+#: folders with at most this many images (and at most IN_MEMORY_MAX_BYTES as float32) load into memory
+IN_MEMORY_MAX_IMAGES = 20_000
+IN_MEMORY_MAX_BYTES = 2 * 1024 ** 3
+#: how many training images a lazy folder reads to estimate its per-channel mean and std
+STATS_SAMPLE_SIZE = 1000
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"})
+GREY_MODES = frozenset({"1", "L", "LA", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"})
+
+
+def list_image_folder(root: Path) -> tuple[list[str], list[Path], list[int]]:
+    """Class names (sorted subfolder names), image files and their class indices.
+
+    Files are found recursively under each class folder by extension, hidden entries are
+    skipped, and the order is sorted so the same folder always gives the same indices.
+    """
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise SpaceError("data.path", f"{str(root)!r} has no class subfolders", "put each class's images in its own subfolder of data.path")
+    files: list[Path] = []
+    labels: list[int] = []
+    for index, name in enumerate(classes):
+        found = []
+        for folder, dirs, names in os.walk(root / name, followlinks=True):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            found += [Path(folder, n) for n in names if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+        if not found:
+            raise SpaceError("data.path", f"class folder {name!r} in {str(root)!r} has no images",
+                             f"add images ({', '.join(sorted(IMAGE_EXTENSIONS))}) or remove the folder")
+        found.sort()
+        files += found
+        labels += [index] * len(found)
+    return classes, files, labels
+
+
+def _scan_images(files: Sequence[Path]) -> tuple[str, list[tuple[int, int]]]:
+    """The common Pillow mode (``"L"`` if every image is grey, else ``"RGB"``) and each size.
+
+    Only headers are read, so this is cheap next to decoding; an unreadable file fails here,
+    naming the file, instead of inside a DataLoader worker mid-training.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    grey = True
+    sizes = []
+    for file in files:
+        try:
+            with Image.open(file) as img:
+                grey = grey and img.mode in GREY_MODES
+                sizes.append(img.size)
+        except (OSError, UnidentifiedImageError) as exc:
+            raise SpaceError("data.path", f"cannot read image {str(file)!r} ({exc})", "remove or replace the file") from None
+    return ("L" if grey else "RGB"), sizes
+
+
+def _target_size(config: DataConfig, root: Path, sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """(width, height) every image is brought to: ``data.image_size`` squared, or the common size."""
+    if config.image_size is not None:
+        return config.image_size, config.image_size
+    distinct = sorted(set(sizes))
+    if len(distinct) > 1:
+        shown = ", ".join(f"{w}x{h}" for w, h in distinct[:3])
+        raise SpaceError("data.image_size", f"images in {str(root)!r} have {len(distinct)} different sizes ({shown}...)",
+                         "set data.image_size to resize them all to one square size")
+    return distinct[0]
+
+
+def read_image(file: str | Path, mode: str, size: tuple[int, int]) -> np.ndarray:
+    """One image as uint8 (C, H, W): converted to ``mode`` and resized (bilinear) to ``size`` (w, h)."""
+    from PIL import Image
+
+    with Image.open(file) as img:
+        img = img.convert(mode)
+        if img.size != tuple(size):
+            img = img.resize(tuple(size), Image.Resampling.BILINEAR)
+        array = np.array(img, dtype=np.uint8)  # a writable copy, safe for torch.from_numpy
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def image_stats(files: Sequence[str | Path], mode: str, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (unbiased) std of images scaled to [0, 1], each (C, 1, 1).
+
+    Accumulates in float64 one image at a time so the sample never has to fit in memory; the
+    result matches :func:`in_memory_bundle`'s statistics over the same images.
+    """
+    total = squares = None
+    count = 0
+    for file in files:
+        x = read_image(file, mode, size).astype(np.float64) / 255.0
+        s, q = x.sum(axis=(1, 2)), (x * x).sum(axis=(1, 2))
+        total, squares = (s, q) if total is None else (total + s, squares + q)
+        count += x.shape[1] * x.shape[2]
+    assert total is not None and squares is not None, "image_stats needs at least one image"
+    mean = total / count
+    var = np.maximum(squares - count * mean * mean, 0.0) / max(count - 1, 1)
+    std = np.sqrt(var)
+    as_t = lambda a: torch.as_tensor(a, dtype=torch.float32).view(-1, 1, 1)  # noqa: E731
+    return as_t(mean), as_t(std).clamp_min(1e-6)
+
+
+class ImageFolderData(Dataset):
+    """Images read from disk on ``__getitem__``: converted, resized, scaled and standardised.
+
+    Used for folders too large to hold in memory; :func:`batches` streams it through a
+    DataLoader with workers, so it holds only plain paths and small tensors (picklable).
+    """
+
+    def __init__(self, files: Sequence[str | Path], labels: Sequence[int], mode: str, size: tuple[int, int],
+                 mean: torch.Tensor, std: torch.Tensor, num_classes: int) -> None:
+        if len(files) != len(labels):
+            raise ValueError(f"{len(files)} files but {len(labels)} labels")
+        self.files = [str(f) for f in files]
+        self.labels = [int(y) for y in labels]
+        self.mode, self.size = mode, (int(size[0]), int(size[1]))
+        self.mean, self.std = mean, std
+        self.num_classes = num_classes
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x = torch.from_numpy(read_image(self.files[i], self.mode, self.size)).float().div_(255.0)
+        return (x - self.mean) / self.std, self.labels[i]
+
+    def __repr__(self) -> str:
+        return f"ImageFolderData({len(self)} images, mode={self.mode}, size={self.size})"
+
+
+def _folder_fingerprint(root: Path, files: Sequence[Path], config: DataConfig, mode: str, size: tuple[int, int]) -> str:
+    """A hash of the sorted file list with sizes and mtimes plus what shapes the split and pixels."""
+    digest = hashlib.sha256(f"{mode}|{size}|{config.seed}|{config.val_fraction}".encode())
+    for file in sorted(files):
+        st = file.stat()
+        digest.update(f"{file.relative_to(root).as_posix()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+@register_source("image_folder")
+def load_image_folder(config: DataConfig) -> DataBundle:
+    """A folder with one subfolder of images per class (class index = sorted folder name).
+
+    Images are read with Pillow, converted to RGB (or L when every image is grey) and resized
+    (bilinear, to a square) to ``data.image_size``, which is required when sizes differ. A seeded
+    ``data.val_fraction`` split validates. Up to ``IN_MEMORY_MAX_IMAGES`` images (and
+    ``IN_MEMORY_MAX_BYTES`` as float32) load into memory and are standardised exactly; larger
+    folders become a lazy :class:`ImageFolderData` standardised with statistics of a seeded
+    sample of ``STATS_SAMPLE_SIZE`` training images, fingerprinted by file names, sizes, mtimes.
+    """
+    root = _data_path(config, "a folder with one subfolder of images per class", is_dir=True)
+    classes, files, labels = list_image_folder(root)
+    mode, sizes = _scan_images(files)
+    size = _target_size(config, root, sizes)
+    channels = 1 if mode == "L" else 3
+    if len(files) < 2:
+        raise SpaceError("data.path", f"{str(root)!r} has only {len(files)} image", "give at least 2 images to split")
+    if len(files) <= IN_MEMORY_MAX_IMAGES and len(files) * channels * size[0] * size[1] * 4 <= IN_MEMORY_MAX_BYTES:
+        x = np.stack([read_image(f, mode, size) for f in files]).astype(np.float32)
+        x /= 255.0
+        return in_memory_bundle(x, np.asarray(labels), config, "image_folder")
+    train_idx, val_idx = split_indices(len(files), config.val_fraction, config.seed)
+    train_files = [files[i] for i in train_idx.tolist()]
+    train_labels = [labels[i] for i in train_idx.tolist()]
+    n_train = len(train_files)
+    sample = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed))[:STATS_SAMPLE_SIZE]
+    mean, std = image_stats([train_files[i] for i in sorted(sample.tolist())], mode, size)
+    make = lambda idx: ImageFolderData([files[i] for i in idx], [labels[i] for i in idx], mode, size, mean, std, len(classes))  # noqa: E731
+    return DataBundle(
+        make(train_idx.tolist()), make(val_idx.tolist()), len(classes), (channels, size[1], size[0]),
+        _folder_fingerprint(root, files, config, mode, size), "image_folder",
+    )
+
+
+# --------------------------------------------------------------------------- module:attr
+
+
+def _is_array_pair(obj: Any) -> bool:
+    """Whether ``obj`` is an ``(x, y)`` pair of numpy arrays or tensors."""
+    return (isinstance(obj, (tuple, list)) and len(obj) == 2
+            and all(isinstance(a, (np.ndarray, torch.Tensor)) for a in obj))
+
+
+def _as_dataset(obj: Any, which: str, source: str) -> Dataset:
+    """A returned split as a Dataset: tensor pairs and 2-tensor TensorDatasets become TensorData."""
+    if isinstance(obj, TensorDataset) and len(obj.tensors) == 2:
+        obj = obj.tensors
+    if _is_array_pair(obj):
+        x, y = (torch.as_tensor(a) for a in obj)
+        return TensorData(x.float(), as_labels_tensor(y, f"{which} labels"))
+    if isinstance(obj, Dataset):
+        return obj
+    raise SpaceError("data.source", f"{source} returned a {type(obj).__name__} as its {which} set",
+                     "return a DataBundle, (train, val) torch Datasets or ((x, y), (x, y)) arrays")
+
+
+def as_labels_tensor(y: torch.Tensor, key: str) -> torch.Tensor:
+    """Labels of a returned tensor pair, checked like file labels, as int64."""
+    return torch.from_numpy(as_labels(y, key, "data.source"))
+
+
+def dataset_num_classes(ds: Dataset) -> int:
+    """Number of classes in ``ds``: its ``num_classes`` or ``classes`` attribute, else max label + 1.
+
+    Tensors are reduced directly; other datasets use a ``targets`` attribute (the torchvision
+    convention) or, failing that, are scanned once, which reads every sample.
+    """
+    base = ds.dataset if isinstance(ds, Subset) else ds
+    n = getattr(base, "num_classes", None)
+    if isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0:
+        return int(n)
+    classes = getattr(base, "classes", None)
+    if isinstance(classes, (list, tuple)) and classes:
+        return len(classes)
+    if isinstance(ds, TensorData):
+        return int(ds.y.max().item()) + 1 if len(ds) else 0
+    targets = getattr(base, "targets", None)
+    if targets is not None:
+        t = torch.as_tensor(np.asarray(targets))
+        return int(t.max().item()) + 1 if t.numel() else 0
+    return max((int(ds[i][1]) for i in range(len(ds))), default=-1) + 1  # type: ignore[arg-type]
+
+
+def _stable_repr(obj: Any) -> str:
+    """``repr`` without memory addresses, so a default repr fingerprints the same across runs."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(obj))
+
+
+def _datasets_bundle(train: Dataset, val: Dataset, config: DataConfig) -> DataBundle:
+    """A bundle of user datasets, used as they are (no standardisation: they own their transforms)."""
+    if len(train) == 0 or len(val) == 0:  # type: ignore[arg-type]
+        raise SpaceError("data.source", f"{config.source} returned an empty {'train' if len(train) == 0 else 'val'} set",  # type: ignore[arg-type]
+                         "return non-empty train and val sets")
+    input_shape = tuple(torch.as_tensor(np.asarray(train[0][0])).shape)
+    num_classes = max(dataset_num_classes(train), dataset_num_classes(val))
+    if isinstance(train, TensorData) and isinstance(val, TensorData):
+        fingerprint = hash_arrays(train.x, train.y, val.x, val.y)
+    else:
+        options = json.dumps(config.options, sort_keys=True, default=str)
+        text = f"{config.source}|{options}|{_stable_repr(train)}|{len(train)}|{_stable_repr(val)}|{len(val)}"  # type: ignore[arg-type]
+        fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return DataBundle(train, val, num_classes, input_shape, fingerprint, config.source)
+
+
+def bundle_from_user(result: Any, config: DataConfig) -> DataBundle:
+    """What a ``module:attr`` source returned, as a :class:`DataBundle`.
+
+    * a ``DataBundle``: used as is;
+    * ``((x_train, y_train), (x_val, y_val))`` arrays or tensors: checked and standardised like
+      the npz source (same layouts, uint8 images scaled to [0, 1]), fingerprinted by content;
+    * ``(train, val)`` torch Datasets (or a mix with tensor pairs): used as they are, with
+      ``input_shape`` from the first sample, ``num_classes`` from :func:`dataset_num_classes`
+      and a fingerprint of their repr and lengths (tensor data: of their content).
+    """
+    if isinstance(result, DataBundle):
+        return result
+    if isinstance(result, (tuple, list)) and len(result) == 2:
+        train, val = result
+        if _is_array_pair(train) and _is_array_pair(val):
+            keys = ("x_train", "y_train", "x_val", "y_val")
+            return _arrays_bundle(tuple(train), tuple(val), config, config.source, keys, "data.source")
+        return _datasets_bundle(_as_dataset(train, "train", config.source), _as_dataset(val, "val", config.source), config)
+    raise SpaceError("data.source", f"{config.source} returned a {type(result).__name__}",
+                     "return a DataBundle, (train, val) torch Datasets or ((x, y), (x, y)) arrays")
+
+
+def load_user_source(config: DataConfig) -> DataBundle:
+    """Import ``data.source`` (``module:attr``), call it with ``**data.options``, wrap the result."""
+    fn = import_ref(config.source, "data.source")
+    if not callable(fn):
+        raise SpaceError("data.source", f"{config.source!r} is not callable", "point it to a function returning the data")
+    try:
+        inspect.signature(fn).bind(**config.options)
+    except TypeError as exc:
+        raise SpaceError("data.options", f"{config.source} does not take these options ({exc})", "match data.options to its parameters") from None
+    except ValueError:
+        pass  # no introspectable signature (a builtin): let the call itself decide
+    return bundle_from_user(fn(**config.options), config)

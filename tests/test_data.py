@@ -1,0 +1,374 @@
+"""Data sources: each loader on small files written here, their splits, standardisation and errors."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import sys
+import textwrap
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from spaces import DataConfig, SpaceError
+from trainers import data
+from trainers.data import DataBundle, ImageFolderData, TensorData, batches, load_data
+
+# --------------------------------------------------------------------------- helpers
+
+
+def space_error(config: DataConfig, field: str) -> SpaceError:
+    """The SpaceError ``load_data(config)`` raises, checked to name ``field`` in one line."""
+    with pytest.raises(SpaceError) as info:
+        load_data(config)
+    assert info.value.path == field
+    assert "\n" not in str(info.value) and "fix:" in str(info.value)
+    return info.value
+
+
+def assert_labels_match_colour(x: torch.Tensor, y: torch.Tensor, channel: int = 0, increasing: bool = True) -> None:
+    """Each class was written as one constant colour: every sample of a class has the same value,
+    constant over the image, and that value is monotonic in the class index."""
+    values = x[:, channel].reshape(len(x), -1)
+    assert torch.allclose(values, values[:, :1].expand_as(values), atol=1e-5), "images are not constant"
+    by_class = {}
+    for value, label in zip(values[:, 0].tolist(), y.tolist()):
+        by_class.setdefault(label, set()).add(round(value, 4))
+    assert all(len(v) == 1 for v in by_class.values()), by_class
+    ordered = [next(iter(by_class[k])) for k in sorted(by_class)]
+    assert ordered == sorted(ordered, reverse=not increasing) and len(set(ordered)) == len(ordered)
+
+
+def assert_standardised(ds: TensorData) -> None:
+    dims = [0] + list(range(2, ds.x.ndim))
+    assert torch.allclose(ds.x.mean(dim=dims), torch.zeros(ds.x.shape[1]), atol=1e-4)
+
+
+def all_batches(ds, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    parts = list(batches(ds, 5, **kwargs))
+    return tuple(torch.cat([p[k] for p in parts]) for k in range(3))  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- digits and registry
+
+
+def test_digits() -> None:
+    bundle = load_data(DataConfig())
+    assert len(bundle.train) + len(bundle.val) == 1797
+    assert bundle.num_classes == 10 and bundle.input_shape == (1, 8, 8)
+    assert_standardised(bundle.train)
+
+
+def test_registry_and_unknown_source() -> None:
+    assert {"digits", "npz", "cifar10", "image_folder"} <= set(data.source_names())
+    space_error(DataConfig(source="nope"), "data.source")
+
+
+# --------------------------------------------------------------------------- npz
+
+
+def write_npz(path: Path, **arrays: np.ndarray) -> str:
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def colour_images(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """uint8 images whose every pixel is ``30 * label + 20``."""
+    return np.broadcast_to((30 * labels + 20).astype(np.uint8).reshape(-1, *[1] * len(shape)), (len(labels), *shape)).copy()
+
+
+def test_npz_nhwc_uint8_with_val(tmp_path: Path) -> None:
+    y, y_val = np.arange(40) % 4, np.arange(12) % 4
+    path = write_npz(tmp_path / "d.npz", x_train=colour_images(y, (6, 6, 3)), y_train=y,
+                     x_val=colour_images(y_val, (6, 6, 3)), y_val=y_val)
+    bundle = load_data(DataConfig(source="npz", path=path))
+    assert bundle.input_shape == (3, 6, 6) and bundle.num_classes == 4
+    assert (len(bundle.train), len(bundle.val)) == (40, 12)
+    assert_standardised(bundle.train)
+    assert torch.equal(bundle.val.y, torch.as_tensor(y_val))
+    for ds in (bundle.train, bundle.val):
+        assert_labels_match_colour(ds.x, ds.y)
+
+
+def test_npz_layouts(tmp_path: Path) -> None:
+    y = np.arange(20) % 2
+    grey = load_data(DataConfig(source="npz", path=write_npz(tmp_path / "g.npz", x_train=colour_images(y, (5, 7)), y_train=y)))
+    assert grey.input_shape == (1, 5, 7)
+    nchw = colour_images(y, (3, 5, 7)).astype(np.float32) / 255
+    chw = load_data(DataConfig(source="npz", path=write_npz(tmp_path / "c.npz", x_train=nchw, y_train=y.reshape(-1, 1))))
+    assert chw.input_shape == (3, 5, 7)
+    assert_labels_match_colour(chw.train.x, chw.train.y)
+    feats = load_data(DataConfig(source="npz", path=write_npz(tmp_path / "f.npz", x_train=np.random.rand(20, 9), y_train=y)))
+    assert feats.input_shape == (9,) and feats.num_classes == 2
+    assert_standardised(feats.train)
+
+
+def test_npz_matches_digits(tmp_path: Path) -> None:
+    """The same arrays through npz and through the digits source give the same content."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    path = write_npz(tmp_path / "digits.npz", x_train=digits.images.astype(np.float32), y_train=digits.target)
+    assert load_data(DataConfig(source="npz", path=path)).fingerprint == load_data(DataConfig()).fingerprint
+
+
+def test_npz_seeded_split(tmp_path: Path) -> None:
+    x = np.arange(50, dtype=np.float32).reshape(50, 1) * np.ones((1, 3), np.float32)
+    path = write_npz(tmp_path / "s.npz", x_train=x, y_train=np.arange(50) % 5)
+    a, b = (load_data(DataConfig(source="npz", path=path, seed=1, val_fraction=0.2)) for _ in range(2))
+    c = load_data(DataConfig(source="npz", path=path, seed=2, val_fraction=0.2))
+    assert (len(a.train), len(a.val)) == (40, 10)
+    assert torch.equal(a.train.x, b.train.x) and a.fingerprint == b.fingerprint
+    assert not torch.equal(a.val.y, c.val.y) and a.fingerprint != c.fingerprint
+
+
+def test_npz_errors(tmp_path: Path) -> None:
+    space_error(DataConfig(source="npz"), "data.path")
+    space_error(DataConfig(source="npz", path=str(tmp_path / "missing.npz")), "data.path")
+    space_error(DataConfig(source="npz", path=write_npz(tmp_path / "k.npz", x=np.zeros((4, 2)), y=np.zeros(4))), "data.path")
+    err = space_error(DataConfig(source="npz", path=write_npz(tmp_path / "l.npz", x_train=np.zeros((4, 2)), y_train=np.zeros(3))), "data.path")
+    assert "4 rows" in err.problem
+    half = write_npz(tmp_path / "h.npz", x_train=np.zeros((4, 2)), y_train=np.zeros(4), x_val=np.zeros((2, 2)))
+    space_error(DataConfig(source="npz", path=half), "data.path")
+    (tmp_path / "junk.npz").write_text("not a zip")
+    space_error(DataConfig(source="npz", path=str(tmp_path / "junk.npz")), "data.path")
+
+
+# --------------------------------------------------------------------------- cifar10
+
+
+def cifar_batch(labels: np.ndarray) -> dict:
+    """A python-format batch: red encodes the label, green is constant, blue decreases with it."""
+    img = np.zeros((len(labels), 3, 32, 32), np.uint8)
+    img[:, 0] = (20 * labels + 10)[:, None, None]
+    img[:, 1] = 128
+    img[:, 2] = (240 - 20 * labels)[:, None, None]
+    return {b"batch_label": b"fake", b"labels": labels.tolist(), b"data": img.reshape(len(labels), -1)}
+
+
+def write_cifar(root: Path) -> Path:
+    root.mkdir(parents=True)
+    for i in range(1, 6):
+        with open(root / f"data_batch_{i}", "wb") as f:
+            pickle.dump(cifar_batch((np.arange(4) + 4 * i) % 10), f)
+    with open(root / "test_batch", "wb") as f:
+        pickle.dump(cifar_batch(np.arange(20) % 10), f)
+    with open(root / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f)
+    return root
+
+
+def test_cifar10(tmp_path: Path) -> None:
+    root = write_cifar(tmp_path / "cifar-10-batches-py")
+    bundle = load_data(DataConfig(source="cifar10", path=str(root)))
+    assert bundle.input_shape == (3, 32, 32) and bundle.num_classes == 10
+    assert (len(bundle.train), len(bundle.val)) == (20, 20)
+    assert torch.equal(bundle.val.y, torch.arange(20) % 10)
+    assert_standardised(bundle.train)
+    for ds in (bundle.train, bundle.val):
+        assert_labels_match_colour(ds.x, ds.y, channel=0)
+        assert_labels_match_colour(ds.x, ds.y, channel=2, increasing=False)
+        assert torch.all(ds.x[:, 1] == 0)  # the constant channel stayed in place
+    parent = load_data(DataConfig(source="cifar10", path=str(tmp_path)))
+    assert parent.fingerprint == bundle.fingerprint
+
+
+def test_cifar10_errors(tmp_path: Path) -> None:
+    space_error(DataConfig(source="cifar10", path=str(tmp_path / "none")), "data.path")
+    root = write_cifar(tmp_path / "c")
+    (root / "test_batch").unlink()
+    assert "test_batch" in space_error(DataConfig(source="cifar10", path=str(root)), "data.path").problem
+    (root / "test_batch").write_bytes(b"garbage")
+    space_error(DataConfig(source="cifar10", path=str(root)), "data.path")
+
+
+# --------------------------------------------------------------------------- image folder
+
+CLASS_COLOURS = {"cat": (40, 200, 10), "ant": (10, 100, 50), "dog": (90, 30, 250)}  # sorted: ant, cat, dog
+
+
+def write_folder(root: Path, per_class: int = 6, grey: bool = False) -> Path:
+    """Three classes of constant-colour PNGs, half 8x8 and half 10x6, plus a stray text file."""
+    for name, colour in CLASS_COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            size = (8, 8) if i % 2 else (10, 6)
+            img = Image.new("L", size, colour[0]) if grey else Image.new("RGB", size, colour)
+            img.save(root / name / f"{i:02d}.png")
+    (root / "cat" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_image_folder_in_memory(tmp_path: Path) -> None:
+    root = write_folder(tmp_path / "imgs")
+    bundle = load_data(DataConfig(source="image_folder", path=str(root), image_size=8, val_fraction=0.25))
+    assert isinstance(bundle.train, TensorData)
+    assert bundle.input_shape == (3, 8, 8) and bundle.num_classes == 3
+    assert (len(bundle.train), len(bundle.val)) == (14, 4)
+    assert_standardised(bundle.train)
+    for ds in (bundle.train, bundle.val):  # red in class order ant < cat < dog
+        assert_labels_match_colour(ds.x, ds.y, channel=0)
+    grey = load_data(DataConfig(source="image_folder", path=str(write_folder(tmp_path / "g", grey=True)), image_size=8))
+    assert grey.input_shape == (1, 8, 8)
+    assert_labels_match_colour(grey.train.x, grey.train.y)
+
+
+def test_image_folder_lazy_matches_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = write_folder(tmp_path / "imgs")
+    config = DataConfig(source="image_folder", path=str(root), image_size=8, seed=3)
+    memory = load_data(config)
+    monkeypatch.setattr(data, "IN_MEMORY_MAX_IMAGES", 0)
+    lazy = load_data(config)
+    assert isinstance(lazy.train, ImageFolderData) and isinstance(lazy.val, ImageFolderData)
+    assert (lazy.input_shape, lazy.num_classes) == (memory.input_shape, memory.num_classes)
+    for mem_ds, lazy_ds in ((memory.train, lazy.train), (memory.val, lazy.val)):
+        idx, x, y = all_batches(lazy_ds)  # through the DataLoader, two workers
+        m_idx, m_x, m_y = all_batches(mem_ds)
+        assert torch.equal(idx, m_idx) and torch.equal(y, m_y)
+        assert torch.allclose(x, m_x, atol=1e-5)
+        s_idx, s_x, s_y = all_batches(lazy_ds, shuffle=True, seed=1, num_workers=0)
+        assert sorted(s_idx.tolist()) == list(range(len(lazy_ds)))
+        assert torch.allclose(s_x, mem_ds.x[s_idx], atol=1e-5) and torch.equal(s_y, mem_ds.y[s_idx])
+    assert load_data(config).fingerprint == lazy.fingerprint
+    os.utime(root / "ant" / "00.png", ns=(1, 1))
+    assert load_data(config).fingerprint != lazy.fingerprint
+
+
+def test_image_folder_lazy_samples_stats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = write_folder(tmp_path / "imgs", per_class=10)
+    monkeypatch.setattr(data, "IN_MEMORY_MAX_IMAGES", 0)
+    monkeypatch.setattr(data, "STATS_SAMPLE_SIZE", 6)
+    bundle = load_data(DataConfig(source="image_folder", path=str(root), image_size=8))
+    x, y = bundle.train[0]
+    assert x.shape == (3, 8, 8) and isinstance(y, int)
+    assert torch.all(bundle.train.std > 0)
+
+
+def test_image_folder_errors(tmp_path: Path) -> None:
+    root = write_folder(tmp_path / "imgs")
+    err = space_error(DataConfig(source="image_folder", path=str(root)), "data.image_size")
+    assert "data.image_size" in err.fix
+    space_error(DataConfig(source="image_folder", path=str(tmp_path / "nowhere")), "data.path")
+    space_error(DataConfig(source="image_folder"), "data.path")
+    (tmp_path / "empty").mkdir()
+    space_error(DataConfig(source="image_folder", path=str(tmp_path / "empty")), "data.path")
+    (root / "zebra").mkdir()
+    assert "zebra" in space_error(DataConfig(source="image_folder", path=str(root), image_size=8), "data.path").problem
+    (root / "zebra" / "bad.png").write_bytes(b"not a png")
+    space_error(DataConfig(source="image_folder", path=str(root), image_size=8), "data.path")
+
+
+def test_image_folder_same_size_needs_no_image_size(tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    for k, name in enumerate(("a", "b")):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (5, 7), (50 * k, 0, 0)).save(root / name / f"{i}.png")
+    bundle = load_data(DataConfig(source="image_folder", path=str(root)))
+    assert bundle.input_shape == (3, 7, 5) and bundle.num_classes == 2
+
+
+# --------------------------------------------------------------------------- module:attr
+
+USER_MODULE = '''
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from trainers.data import in_memory_bundle
+
+
+class Lazy(Dataset):
+    def __init__(self, n, classes):
+        self.n, self.classes_ = n, classes
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return torch.full((2, 4, 4), float(i % self.classes_)), i % self.classes_
+
+
+class Tagged(Lazy):
+    num_classes = 7
+
+
+def arrays(n=30):
+    y = np.arange(n) % 3
+    x = np.repeat(y[:, None, None].astype(np.uint8) * 50, 16, axis=1).reshape(n, 4, 4)
+    return (x, y), (x[:9], y[:9])
+
+
+def datasets(n=12):
+    return Lazy(n, 4), Lazy(6, 4)
+
+
+def tagged():
+    return Tagged(5, 2), Tagged(5, 2)
+
+
+def tensors():
+    x = torch.randn(10, 6)
+    return (x, torch.arange(10) % 5), (x[:4], torch.arange(4))
+
+
+def bundle(config_seed=0):
+    from spaces import DataConfig
+    y = np.arange(20) % 2
+    return in_memory_bundle(np.random.rand(20, 3), y, DataConfig(seed=config_seed), "mine")
+
+
+def bad():
+    return 42
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A small data module on sys.path, dropped from sys.modules before and after each test."""
+    name = "kd_user_data"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(USER_MODULE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    importlib.invalidate_caches()
+    yield name
+    sys.modules.pop(name, None)
+
+
+def test_user_arrays(user_module: str) -> None:
+    bundle = load_data(DataConfig(source=f"{user_module}:arrays", options={"n": 24}))
+    assert bundle.input_shape == (1, 4, 4) and bundle.num_classes == 3
+    assert (len(bundle.train), len(bundle.val)) == (24, 9)
+    assert_standardised(bundle.train)
+    assert_labels_match_colour(bundle.train.x, bundle.train.y)
+    assert bundle.fingerprint != load_data(DataConfig(source=f"{user_module}:arrays")).fingerprint
+
+
+def test_user_datasets(user_module: str) -> None:
+    config = DataConfig(source=f"{user_module}:datasets", options={"n": 10})
+    bundle = load_data(config)
+    assert bundle.input_shape == (2, 4, 4) and bundle.num_classes == 4
+    assert load_data(config).fingerprint == bundle.fingerprint
+    assert load_data(DataConfig(source=f"{user_module}:datasets")).fingerprint != bundle.fingerprint
+    idx, x, y = all_batches(bundle.train, num_workers=0)
+    assert torch.equal(idx, torch.arange(10)) and torch.equal(y, torch.arange(10) % 4)
+    assert torch.equal(x[:, 0, 0, 0], (torch.arange(10) % 4).float())
+    assert load_data(DataConfig(source=f"{user_module}:tagged")).num_classes == 7
+
+
+def test_user_tensors_and_bundle(user_module: str) -> None:
+    tensors = load_data(DataConfig(source=f"{user_module}:tensors"))
+    assert tensors.input_shape == (6,) and tensors.num_classes == 5
+    mine = load_data(DataConfig(source=f"{user_module}:bundle"))
+    assert isinstance(mine, DataBundle) and mine.name == "mine" and mine.num_classes == 2
+
+
+def test_user_errors(user_module: str) -> None:
+    space_error(DataConfig(source=f"{user_module}:bad"), "data.source")
+    space_error(DataConfig(source=f"{user_module}:missing"), "data.source")
+    space_error(DataConfig(source=f"{user_module}:arrays", options={"size": 3}), "data.options")
