@@ -89,6 +89,34 @@ def cmd_trial(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- run / pareto
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from search.driver import SearchOptions, run_search
+
+    options = SearchOptions(**{k: getattr(args, k) for k in SearchOptions.__dataclass_fields__ if hasattr(args, k)})
+    if options.num_samples < 1 or options.max_concurrent < 1:
+        raise UserError("--num-samples and --max-concurrent must be at least 1; fix: pass a positive number")
+    run_search(options)
+    return 0
+
+
+def cmd_pareto(args: argparse.Namespace) -> int:
+    from search.report import front_table
+    from search.tracking import client, latest_search_run, read_artifact_json
+
+    c = client(args.tracking_uri)
+    parent = latest_search_run(c, args.experiment, args.run_id)
+    payload = read_artifact_json(c, parent.info.run_id, "pareto_front.json")
+    if args.json:
+        print(json.dumps(payload, indent=2))
+    else:
+        print(f"search {parent.info.run_name} ({parent.info.run_id}): hypervolume {payload['hypervolume']:.4g}")
+        print(front_table(payload["front"], payload["objectives"]))
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -109,7 +137,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for the student artifact")
     p.set_defaults(func=cmd_trial)
 
+    p = sub.add_parser("run", help="search the space with Ray Tune, log the Pareto front to MLflow")
+    p.add_argument("space", nargs="?", help="space file (default: the built-in digits space)")
+    p.add_argument("--num-samples", type=int, default=24, help="trials to run")
+    p.add_argument("--max-concurrent", type=int, default=2, help="trials at a time")
+    p.add_argument("--address", help="an existing Ray cluster (default: start Ray in this process)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions pack several students on one GPU")
+    _tracking_args(p)
+    p.add_argument("--storage", help="Ray Tune storage path (default: ./ray_results); shared on a cluster")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--searcher", choices=("nsga2", "tpe", "random"), default="nsga2")
+    p.add_argument("--scheduler", default="asha", help="pareto-asha | asha | none")
+    p.add_argument("--max-failures", type=int, default=0, help="retries of a trial whose worker died")
+    p.add_argument("--epochs", type=int, help="override the space's distillation epochs")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("pareto", help="print the front of the latest (or a given) search")
+    _tracking_args(p)
+    p.add_argument("--run-id", help="a search's parent run id")
+    p.add_argument("--json", action="store_true", help="print pareto_front.json")
+    p.set_defaults(func=cmd_pareto)
     return parser
+
+
+def _tracking_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking store")
+    p.add_argument("--experiment", default="kdsearch", help="MLflow experiment")
 
 
 def _quiet(verbose: bool) -> None:
@@ -126,12 +180,14 @@ def _quiet(verbose: bool) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from search.tracking import TrackingError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet(args.verbose)
     try:
         return args.func(args)
-    except (SpaceError, UserError) as exc:
+    except (SpaceError, UserError, TrackingError) as exc:
         print(f"kdsearch: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -226,6 +226,7 @@ class Space:
     sections: dict[str, dict[str, Knob]]
     objectives: dict[str, Literal["max", "min"]]
     constraints: dict[str, float]
+    reference_point: Optional[dict[str, float]] = None
     source: Optional[Path] = None
     text: str = ""
 
@@ -303,10 +304,12 @@ class Space:
             **{s: {k: v.describe() for k, v in knobs.items()} for s, knobs in self.sections.items()},
             "objectives": dict(self.objectives),
             "constraints": dict(self.constraints),
+            **({"reference_point": dict(self.reference_point)} if self.reference_point else {}),
         }
 
 
-TOP_LEVEL = ("name", "data", "teacher", "students", "distill", "train", "compress", "objectives", "constraints")
+TOP_LEVEL = ("name", "data", "teacher", "students", "distill", "train", "compress", "objectives", "constraints",
+             "reference_point")
 
 
 def _strict(model: type[BaseModel], raw: Any, path: str) -> Any:
@@ -381,8 +384,16 @@ def parse_space(raw: Any, source: Optional[Path] = None, text: str = "") -> Spac
             raise SpaceError(f"constraints.{key}", "unknown constraint", f"use one of: {', '.join(CONSTRAINT_KEYS)}")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise SpaceError(f"constraints.{key}", f"expected a positive number, got {value!r}", "give a number")
+    reference = raw.get("reference_point")
+    if reference is not None:
+        if not isinstance(reference, dict) or set(reference) != set(objectives):
+            raise SpaceError("reference_point", "needs one value per objective", f"give values for {', '.join(objectives)}")
+        for metric, value in reference.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise SpaceError(f"reference_point.{metric}", f"expected a number, got {value!r}", "give a number")
     name = str(raw.get("name") or (source.stem if source else "space"))
-    return Space(name, data, teacher, students, sections, dict(objectives), dict(constraints), source, text)
+    return Space(name, data, teacher, students, sections, dict(objectives), dict(constraints),
+                 {k: float(v) for k, v in reference.items()} if reference else None, source, text)
 
 
 def load_space(path: str | Path | None = None) -> Space:

@@ -64,6 +64,13 @@ class Latency:
 
 
 def device_name() -> str:
+    """The CPU model (what a latency figure was measured on)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
     return platform.processor() or platform.machine()
 
 

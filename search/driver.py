@@ -1,0 +1,253 @@
+"""``kdsearch run``: a Ray Tune search over a space, tracked in MLflow.
+
+Data and teacher outputs are prepared once in the driver and shared with every trial through
+the Ray object store; trials report to Tune; the driver alone talks to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from spaces import Choice, Fixed, FloatRange, IntRange, Space, load_space
+
+log = logging.getLogger("kdsearch")
+
+SCHEDULERS = ("pareto-asha", "asha", "none")
+
+
+@dataclass
+class SearchOptions:
+    space: Optional[str] = None
+    num_samples: int = 24
+    max_concurrent: int = 2
+    address: Optional[str] = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "kdsearch"
+    storage: Optional[str] = None
+    seed: int = 0
+    searcher: str = "nsga2"
+    scheduler: str = "asha"
+    max_failures: int = 0
+    epochs: Optional[int] = None
+    grace_period: int = 2
+    reduction_factor: int = 3
+    name: Optional[str] = None
+
+
+@dataclass
+class SearchResult:
+    experiment_id: str
+    parent_run_id: str
+    front: list[dict[str, Any]]
+    rows: list[dict[str, Any]]
+    hypervolume: float
+    reference: dict[str, float]
+    tune_path: str
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def echo(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def knob_max(knob: Any, default: int) -> int:
+    if isinstance(knob, Fixed):
+        return int(knob.value)
+    if isinstance(knob, Choice):
+        return int(max(knob.values))
+    if isinstance(knob, (IntRange, FloatRange)):
+        return int(knob.high)
+    return default
+
+
+def max_epochs(space: Space, override: Optional[int]) -> int:
+    """The longest schedule a trial of this space can run: distillation plus post-pruning fine-tune."""
+    train, compress = space.sections["train"], space.sections["compress"]
+    distil = override or knob_max(train.get("epochs"), 10)
+    prune = compress.get("prune_ratio")
+    may_prune = prune is not None and not (isinstance(prune, Fixed) and prune.value == 0)
+    return distil + (knob_max(compress.get("finetune_epochs"), 2) if may_prune else 0)
+
+
+# --------------------------------------------------------------------------- the trial inside Tune
+
+
+def distil_trainable(config: dict[str, Any], *, space: Space, context: Any, measurer: Any, seed: int,
+                     epochs: Optional[int]) -> None:
+    """One trial in a Tune worker: resume from its checkpoint if any, report every epoch."""
+    import ray
+    import torch
+    from ray import tune
+
+    from search.latency import remote_latency_fn
+    from trainers.trial import run_trial
+
+    warnings.filterwarnings("ignore")
+    resources = tune.get_context().get_trial_resources().required_resources
+    torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
+    device = "cuda" if resources.get("GPU", 0) > 0 and torch.cuda.is_available() else "cpu"
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = Path(folder) / "state.pt"
+            if state.is_file():
+                resume = torch.load(state, weights_only=True, map_location=device)
+
+    with tempfile.TemporaryDirectory() as artifact_dir:
+        def report(metrics: dict[str, Any], state: Optional[dict[str, Any]] = None) -> None:
+            if "size_bytes" in metrics:
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(artifact_dir))
+            elif state is not None:
+                with tempfile.TemporaryDirectory() as folder:
+                    torch.save(state, Path(folder) / "state.pt")
+                    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+            else:
+                tune.report(metrics)
+
+        run_trial(space, dict(config), report, context=ray.get(context) if isinstance(context, ray.ObjectRef) else context,
+                  seed=seed, epochs=epochs, device=device, artifact_dir=artifact_dir,
+                  latency_fn=remote_latency_fn(measurer, config), checkpoint_state=True, resume=resume)
+
+
+# --------------------------------------------------------------------------- wiring
+
+
+def make_scheduler(name: str, space: Space, max_t: int, grace_period: int, reduction_factor: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if name == "asha":
+        # one metric: accuracy (size and latency are fixed by the architecture)
+        return ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max", max_t=max_t,
+                             grace_period=min(grace_period, max_t), reduction_factor=reduction_factor)
+    if name == "pareto-asha":
+        from search.schedulers import ParetoASHA
+
+        metrics, modes = scheduler_objectives(space)
+        return ParetoASHA(metrics=metrics, modes=modes, time_attr="epoch", max_t=max_t,
+                          grace_period=min(grace_period, max_t), reduction_factor=reduction_factor)
+    if name == "none":
+        return FIFOScheduler()
+    raise ValueError(f"--scheduler {name}: unknown; fix: use one of {', '.join(SCHEDULERS)}")
+
+
+#: objectives known only at the end of a trial, and the per-epoch figure that stands in for them
+EPOCH_PROXY = {"latency_ms": "macs", "size_bytes": "params"}
+
+
+def scheduler_objectives(space: Space) -> tuple[list[str], list[str]]:
+    """The objectives a trial reports every epoch: latency and bytes are ranked by their MACs and params proxies."""
+    chosen: dict[str, str] = {}
+    for metric, mode in space.objectives.items():
+        chosen.setdefault(EPOCH_PROXY.get(metric, metric), mode)
+    return list(chosen), list(chosen.values())
+
+
+def start_ray(address: Optional[str]) -> None:
+    import ray
+
+    from search.latency import LATENCY_RESOURCE
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "0")
+    # latency and size arrive only with a trial's last result; the searcher reads them then
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # failed trials show in our progress line
+    common = {"logging_level": logging.ERROR, "log_to_driver": False, "ignore_reinit_error": True}
+    if address:
+        try:
+            ray.init(address=address, **common)
+        except Exception as exc:
+            from search.cli import UserError
+
+            raise UserError(f"--address {address}: cannot connect to the Ray cluster ({str(exc).splitlines()[0][:160]}); "
+                            "fix: start it with cluster/local.sh up or check the address") from None
+    else:
+        ray.init(num_cpus=os.cpu_count(), resources={LATENCY_RESOURCE: 1}, include_dashboard=False, **common)
+
+
+def run_search(options: SearchOptions, echo: Callable[[str], None] = echo) -> SearchResult:
+    """Run a whole search and log it; returns the front and where it was logged."""
+    import ray
+    from ray import tune
+
+    from search import finalize
+    from search.latency import start_measurer
+    from search.pareto import Reference
+    from search.recorder import SearchRecorder, is_final
+    from search.searchers import KDSearch, make_sampler
+    from search.tracking import ROLE_TAG, client, experiment_id, log_json, ui_link
+    from trainers.trial import prepare
+
+    space = load_space(options.space)
+    if options.scheduler not in SCHEDULERS:
+        from search.cli import UserError
+
+        raise UserError(f"--scheduler {options.scheduler}: unknown; fix: use one of {', '.join(SCHEDULERS)}")
+    mlflow_client = client(options.tracking_uri)
+    exp_id = experiment_id(mlflow_client, options.experiment, create=True)
+    name = options.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = str(Path(options.storage or "ray_results").resolve()) if "://" not in (options.storage or "") else options.storage
+    parent = mlflow_client.create_run(exp_id, run_name=name, tags={ROLE_TAG: "search", "kdsearch.tune_path": f"{storage}/{name}"})
+    parent_id = parent.info.run_id
+    params = {k: v for k, v in asdict(options).items() if v is not None}
+    from mlflow.entities import Param
+
+    mlflow_client.log_batch(parent_id, params=[Param(k, str(v)) for k, v in params.items()])
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "space.yaml").write_text(space.text)
+        mlflow_client.log_artifact(parent_id, str(Path(tmp) / "space.yaml"))
+
+    echo(f"search {name}: {options.num_samples} trials, searcher {options.searcher}, scheduler {options.scheduler}, "
+         f"{options.max_concurrent} at a time")
+    echo("preparing data and teacher (once for all trials)...")
+    context = prepare(space)
+    echo(f"teacher {context.targets.description}: val_acc {context.targets.val_acc:.4f}")
+
+    start_ray(options.address)
+    try:
+        max_t = max_epochs(space, options.epochs)
+        reference = Reference.for_space(space.objectives, space.reference_point, space.constraints)
+        recorder = SearchRecorder(mlflow_client, exp_id, parent_id, space.objectives, reference, options.num_samples, echo)
+        searcher = KDSearch(space, make_sampler(options.searcher, options.seed, options.num_samples), is_final)
+        scheduler = make_scheduler(options.scheduler, space, max_t, options.grace_period, options.reduction_factor)
+        measurer = start_measurer(space, context.data.input_shape, context.data.num_classes)
+        trainable = tune.with_resources(
+            tune.with_parameters(distil_trainable, space=space, context=ray.put(context), measurer=measurer,
+                                 seed=options.seed, epochs=options.epochs),
+            {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial},
+        )
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=options.num_samples,
+                                        max_concurrent_trials=options.max_concurrent, reuse_actors=False),
+            run_config=tune.RunConfig(
+                name=name, storage_path=storage, verbose=0, callbacks=[recorder],
+                failure_config=tune.FailureConfig(max_failures=options.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            ),
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tuner.fit()
+        result = finalize.finish(space, context, recorder, mlflow_client, parent_id, echo)
+    finally:
+        ray.shutdown()
+    mlflow_client.set_terminated(parent_id, "FINISHED")
+    echo(f"MLflow: {options.tracking_uri}, experiment {options.experiment!r}, run {parent_id}")
+    echo(f"open it: kdsearch ui --tracking-uri {options.tracking_uri}  then  {ui_link('http://127.0.0.1:5000', exp_id)}")
+    return SearchResult(exp_id, parent_id, result["front"], result["rows"], result["hypervolume"], result["reference"],
+                        f"{storage}/{name}", recorder.counts())

@@ -1,0 +1,102 @@
+"""The Pareto front over the declared objectives, and its hypervolume (via moocore).
+
+Only complete, full-budget trials enter the front: an early-stopped trial's accuracy is an
+under-trained figure and would put students on the front that do not deserve it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
+
+import moocore
+import numpy as np
+
+Objectives = Mapping[str, str]  # metric -> "max" | "min"
+
+
+def objective_matrix(rows: Sequence[Mapping[str, Any]], objectives: Objectives) -> np.ndarray:
+    """Rows of objective values in the declared order (NaN where a metric is missing)."""
+    return np.array([[float(row.get(m, math.nan)) for m in objectives] for row in rows], dtype=float).reshape(len(rows), len(objectives))
+
+
+def _maximise(objectives: Objectives) -> list[bool]:
+    return [direction == "max" for direction in objectives.values()]
+
+
+def pareto_mask(rows: Sequence[Mapping[str, Any]], objectives: Objectives) -> np.ndarray:
+    """Which rows are non-dominated; rows with a missing or NaN objective never are."""
+    points = objective_matrix(rows, objectives)
+    mask = np.zeros(len(rows), dtype=bool)
+    finite = np.isfinite(points).all(axis=1)
+    if finite.any():
+        mask[finite] = moocore.is_nondominated(points[finite], maximise=_maximise(objectives), keep_weakly=True)
+    return mask
+
+
+def pareto_front(rows: Sequence[Mapping[str, Any]], objectives: Objectives) -> list[Mapping[str, Any]]:
+    """The non-dominated rows, most accurate (first objective best) first."""
+    mask = pareto_mask(rows, objectives)
+    front = [row for row, keep in zip(rows, mask) if keep]
+    first, direction = next(iter(objectives.items()))
+    return sorted(front, key=lambda r: -r[first] if direction == "max" else r[first])
+
+
+def hypervolume(rows: Sequence[Mapping[str, Any]], objectives: Objectives, reference: Mapping[str, float]) -> float:
+    """Volume dominated by the rows and bounded by ``reference`` (larger is better).
+
+    Points that do not strictly beat the reference in every objective add nothing.
+    """
+    points = objective_matrix(rows, objectives)
+    if not len(points):
+        return 0.0
+    ref = np.array([reference[m] for m in objectives], dtype=float)
+    better = np.where(np.array(_maximise(objectives)), points > ref, points < ref).all(axis=1)
+    points = points[better & np.isfinite(points).all(axis=1)]
+    if not len(points):
+        return 0.0
+    return float(moocore.hypervolume(points, ref=ref, maximise=_maximise(objectives)))
+
+
+@dataclass
+class Reference:
+    """The hypervolume reference point: declared, or derived once and then frozen.
+
+    Frozen so the hypervolume logged as trials complete only ever grows. A derived point
+    takes 0 for maximised metrics (accuracy cannot be worse), the constraint bound for a
+    constrained minimised metric, and otherwise twice the worst value of the first trials.
+    """
+
+    objectives: dict[str, str]
+    known: dict[str, float]
+    values: Optional[dict[str, float]] = None
+
+    @classmethod
+    def for_space(cls, objectives: Objectives, declared: Optional[Mapping[str, float]],
+                  constraints: Mapping[str, float]) -> "Reference":
+        if declared:
+            values = {m: float(declared[m]) for m in objectives}
+            return cls(dict(objectives), values, values)
+        known = {}
+        for metric, direction in objectives.items():
+            if direction == "max":
+                known[metric] = 0.0
+            elif f"max_{metric}" in constraints:
+                known[metric] = float(constraints[f"max_{metric}"])
+        return cls(dict(objectives), known)
+
+    def resolve(self, rows: Sequence[Mapping[str, Any]]) -> Optional[dict[str, float]]:
+        """The reference values, deriving the missing ones from ``rows`` the first time."""
+        if self.values is not None:
+            return self.values
+        values = dict(self.known)
+        points = objective_matrix(rows, self.objectives)
+        for i, metric in enumerate(self.objectives):
+            if metric not in values:
+                column = points[:, i][np.isfinite(points[:, i])] if len(points) else points[:0, 0]
+                if not len(column):
+                    return None
+                values[metric] = float(2.0 * column.max())
+        self.values = values
+        return self.values

@@ -1,0 +1,137 @@
+"""A Ray Tune callback that records each trial's outcome, keeps the front current and logs to MLflow."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from mlflow.entities import Metric, Param
+from ray import tune
+
+from search.pareto import Reference, hypervolume, pareto_front
+from search.tracking import PARENT_TAG, STATUS_TAG, TRIAL_TAG, flat_metrics, trial_runs
+
+COMPLETE, PRUNED, FAILED = "complete", "pruned", "failed"
+
+
+def is_final(result: Optional[dict]) -> bool:
+    """A trial's last result carries its measured size only when it ran its full budget."""
+    return bool(result) and "size_bytes" in result  # type: ignore[operator]
+
+
+def trial_number(trial_id: str) -> str:
+    return f"trial-{int(trial_id.rsplit('_', 1)[-1]):03d}" if "_" in trial_id else trial_id
+
+
+class SearchRecorder(tune.Callback):
+    """Trial outcomes, the live front and hypervolume, MLflow runs and the progress line."""
+
+    def __init__(self, mlflow_client, experiment_id: str, parent_run_id: str, objectives: dict[str, str],
+                 reference: Reference, total: int, echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr)):
+        self.client, self.experiment_id, self.parent_run_id = mlflow_client, experiment_id, parent_run_id
+        self.objectives, self.reference, self.total, self.echo = objectives, reference, total, echo
+        self.rows: dict[str, dict[str, Any]] = {}  # trial_id -> outcome row
+        self.run_ids: dict[str, str] = {}
+        self.running: set[str] = set()
+        self.checkpoints: dict[str, Path] = {}
+        self.hypervolume = 0.0
+        self.started = time.monotonic()
+        self.rejected = 0
+        for run in trial_runs(mlflow_client, mlflow_client.get_run(parent_run_id)):  # a resumed search
+            trial_id = run.data.tags.get(TRIAL_TAG)
+            if trial_id:
+                self.run_ids[trial_id] = run.info.run_id
+
+    # ---- MLflow runs --------------------------------------------------------------
+
+    def _run_for(self, trial) -> str:
+        if trial.trial_id not in self.run_ids:
+            run = self.client.create_run(self.experiment_id, run_name=trial_number(trial.trial_id), tags={
+                PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial.trial_id, STATUS_TAG: "running"})
+            self.run_ids[trial.trial_id] = run.info.run_id
+            params = {k: str(v)[:500] for k, v in trial.config.items()}
+            self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+        return self.run_ids[trial.trial_id]
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        self._run_for(trial)
+        self.running.add(trial.trial_id)
+
+    def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
+        self.running.discard(trial.trial_id)
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        run_id = self._run_for(trial)
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for k, v in flat_metrics(result).items()
+                   if k not in ("time_this_iter_s", "time_total_s", "timestamp", "pid", "training_iteration")
+                   and not k.startswith("time_since")]
+        self.client.log_batch(run_id, metrics=metrics)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        result = trial.last_result or {}
+        status = COMPLETE if is_final(result) else PRUNED
+        self._finish(trial, status, result)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._finish(trial, FAILED, trial.last_result or {}, error=str(getattr(trial, "error_file", "") or ""))
+
+    # ---- outcomes -----------------------------------------------------------------
+
+    def _finish(self, trial, status: str, result: dict, error: str = "") -> None:
+        run_id = self._run_for(trial)
+        self.running.discard(trial.trial_id)
+        row = {"trial": trial_number(trial.trial_id), "trial_id": trial.trial_id, "run_id": run_id, "status": status,
+               **{k: v for k, v in result.items() if k in self.objectives or k in KEEP},
+               "config": dict(trial.config)}
+        self.rows[trial.trial_id] = row
+        self.client.set_tag(run_id, STATUS_TAG, status)
+        if status == COMPLETE and trial.checkpoint is not None:
+            self._keep_artifact(trial, run_id)
+        if error:
+            self.client.set_tag(run_id, "kdsearch.error_file", error[:500])
+        self.client.set_terminated(run_id, "FAILED" if status == FAILED else "FINISHED")
+        if status == COMPLETE:
+            self._update_front()
+        self._progress()
+
+    def _keep_artifact(self, trial, run_id: str) -> None:
+        with trial.checkpoint.as_directory() as folder:
+            student = Path(folder) / "student.pt"
+            if student.is_file():
+                self.client.log_artifact(run_id, str(student), "student")
+                self.checkpoints[trial.trial_id] = Path(trial.checkpoint.path) / "student.pt"
+
+    def complete_rows(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows.values() if r["status"] == COMPLETE]
+
+    def _update_front(self) -> None:
+        rows = self.complete_rows()
+        reference = self.reference.resolve(rows)
+        if reference is None:
+            return
+        self.hypervolume = hypervolume(rows, self.objectives, reference)
+        self.client.log_metric(self.parent_run_id, "hypervolume", self.hypervolume, step=len(rows))
+
+    def front(self) -> list[dict[str, Any]]:
+        return list(pareto_front(self.complete_rows(), self.objectives))
+
+    def counts(self) -> dict[str, int]:
+        statuses = [r["status"] for r in self.rows.values()]
+        return {"running": len(self.running), COMPLETE: statuses.count(COMPLETE), PRUNED: statuses.count(PRUNED),
+                FAILED: statuses.count(FAILED)}
+
+    def _progress(self) -> None:
+        c = self.counts()
+        done = c[COMPLETE] + c[PRUNED] + c[FAILED]
+        elapsed = time.monotonic() - self.started
+        self.echo(f"[{done:>3}/{self.total}] running {c['running']}  complete {c[COMPLETE]}  pruned {c[PRUNED]}  "
+                  f"failed {c[FAILED]}  front {len(self.front())}  hypervolume {self.hypervolume:.4g}  ({elapsed:.0f} s)")
+
+
+#: result keys kept in a trial's row besides the objectives
+KEEP = ("val_acc", "val_acc_distilled", "params", "macs", "size_bytes", "latency_ms", "latency_iqr_ms", "epoch",
+        "train_seconds", "family", "quant_backend", "teacher_val_acc")

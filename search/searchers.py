@@ -1,0 +1,73 @@
+"""Optuna multi-objective samplers behind Ray Tune's ``OptunaSearch``.
+
+Two corrections to the stock searcher: a trial that the scheduler stopped early is told to
+Optuna as PRUNED (the stock one tells it COMPLETE with under-trained values, which puts
+students on Optuna's front that do not belong there); and a sampled configuration that
+breaks the space's size constraints is rejected before launch, told to Optuna as FAILED,
+and never takes a worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, Callable, Optional
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+from spaces import Space
+
+SAMPLERS = ("nsga2", "tpe", "random")
+
+#: a feasibility check: None when a configuration is fine, else the reason it is not
+Feasibility = Callable[[dict[str, Any]], Optional[str]]
+
+
+def make_sampler(name: str, seed: int, num_samples: int) -> optuna.samplers.BaseSampler:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name == "nsga2":
+            # generations small enough that a short search still evolves
+            return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, num_samples // 4)))
+        if name == "tpe":
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=max(4, num_samples // 5))
+        if name == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"--searcher {name}: unknown; fix: use one of {', '.join(SAMPLERS)}")
+
+
+class KDSearch(OptunaSearch):
+    """``OptunaSearch`` over a space's define-by-run sampler, aware of early stopping and constraints."""
+
+    def __init__(self, space: Space, sampler: optuna.samplers.BaseSampler, is_final: Callable[[dict], bool],
+                 feasibility: Optional[Feasibility] = None, max_rejections: int = 1000) -> None:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        super().__init__(space=space.sample, metric=list(space.objectives), mode=list(space.objectives.values()),
+                         sampler=sampler)
+        self._is_final = is_final
+        self._feasibility = feasibility
+        self._max_rejections = max_rejections
+        self.rejected: list[tuple[dict[str, Any], str]] = []
+
+    def suggest(self, trial_id: str) -> Optional[dict]:
+        for _ in range(self._max_rejections):
+            config = super().suggest(trial_id)
+            reason = self._feasibility(config) if self._feasibility and config else None
+            if reason is None:
+                return config
+            self.rejected.append((config, reason))
+            ot_trial = self._ot_trials.pop(trial_id)
+            ot_trial.set_user_attr("rejected", reason)
+            self._ot_study.tell(ot_trial, state=TrialState.FAIL)
+        raise RuntimeError(f"no configuration within the constraints after {self._max_rejections} samples; "
+                           "fix: relax constraints or narrow the space")
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+        if result is not None and not error and not self._is_final(result):
+            result = None  # early-stopped: the stock searcher then tells Optuna PRUNED
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            logging.getLogger("ray.tune.search.optuna.optuna_search").disabled = True
+            super().on_trial_complete(trial_id, result, error)

@@ -1,0 +1,127 @@
+"""MLflow, owned by the driver: one parent run per search, one nested run per trial.
+
+Every MLflow write of a search happens in the driver process (trials only report to Tune),
+so a trial that is retried on another node continues its one run instead of opening a
+second, and no worker needs to reach the tracking store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+ROLE_TAG = "kdsearch.role"
+TRIAL_TAG = "kdsearch.trial_id"
+STATUS_TAG = "kdsearch.status"
+PARENT_TAG = "mlflow.parentRunId"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "kdsearch"
+
+
+class TrackingError(Exception):
+    """The tracking store cannot be used (unreachable, unknown experiment or run)."""
+
+
+def quiet_mlflow() -> None:
+    """MLflow logs migrations and emoji run links at INFO; a search shows its own progress."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    for name in ("mlflow", "alembic", "mlflow.store", "mlflow.tracking", "mlflow.pytorch", "mlflow.models"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def client(tracking_uri: str):
+    """An MlflowClient for ``tracking_uri``, checked to answer."""
+    quiet_mlflow()
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    c = MlflowClient(tracking_uri)
+    try:
+        c.search_experiments(max_results=1)
+    except Exception as exc:  # MLflow raises many kinds here: connection, SQL, REST
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise TrackingError(f"--tracking-uri {tracking_uri}: cannot reach the tracking store ({first}); "
+                            "fix: start the server or pass a reachable URI such as sqlite:///mlflow.db") from None
+    return c
+
+
+def experiment_id(c, name: str, create: bool) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    if not create:
+        raise TrackingError(f"--experiment {name}: no such experiment in {c.tracking_uri}; "
+                            "fix: run `kdsearch run --experiment NAME` first or pick an existing one")
+    return c.create_experiment(name)
+
+
+def flat_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric, finite entries of a result: what MLflow can store as metrics."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if math.isfinite(value):
+            out[key] = float(value)
+    return out
+
+
+def log_metrics(c, run_id: str, metrics: Mapping[str, Any], step: int = 0) -> None:
+    """The numeric entries of ``metrics`` in one batch."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    c.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in flat_metrics(metrics).items()])
+
+
+def log_json(c, run_id: str, name: str, payload: Any) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(json.dumps(payload, indent=2, default=str))
+        c.log_artifact(run_id, str(path))
+
+
+def log_file(c, run_id: str, path: str | Path, artifact_path: Optional[str] = None) -> None:
+    c.log_artifact(run_id, str(path), artifact_path)
+
+
+def latest_search_run(c, experiment: str, run_id: Optional[str] = None):
+    """The given search (parent) run, or the latest one of ``experiment``."""
+    if run_id:
+        try:
+            return c.get_run(run_id)
+        except Exception:
+            raise TrackingError(f"--run-id {run_id}: no such run; fix: copy a run id from `kdsearch pareto`") from None
+    exp_id = experiment_id(c, experiment, create=False)
+    runs = c.search_runs([exp_id], filter_string=f"tags.`{ROLE_TAG}` = 'search'", order_by=["attributes.start_time DESC"],
+                         max_results=1)
+    if not runs:
+        raise TrackingError(f"--experiment {experiment}: no search has been logged there; fix: run `kdsearch run` first")
+    return runs[0]
+
+
+def trial_runs(c, parent) -> Iterable[Any]:
+    return c.search_runs([parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
+                         max_results=10_000)
+
+
+def read_artifact_json(c, run_id: str, name: str) -> Any:
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = c.download_artifacts(run_id, name, tmp)
+        except Exception:
+            raise TrackingError(f"run {run_id} has no {name}; fix: wait for the search to finish or pick another run") from None
+        return json.loads(Path(path).read_text())
+
+
+def ui_link(base_url: str, experiment_id_: str) -> str:
+    """The experiment's runs in MLflow's classic (not GenAI) view."""
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id_}/runs?workflowType=machine_learning"

@@ -1,0 +1,231 @@
+"""One distillation trial: distil -> [prune -> KD fine-tune -> quantize] -> measure.
+
+:func:`run_trial` knows nothing of Ray Tune or MLflow: it receives a ``report`` callable,
+so a trial runs the same in a test, in ``kdsearch trial`` and inside a Tune worker. The
+expensive shared inputs (data, teacher outputs) come in a :class:`TrialContext` that the
+driver builds once and shares across trials.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol
+
+import torch
+from torch import nn
+
+from spaces import Choice, Fixed, Space, SpaceError, TrialConfig
+from trainers.checkpoint import save_student
+from trainers.compress import prune_student
+from trainers.data import DataBundle, batches, load_data
+from trainers.loop import TrialDiverged, cosine_lr, make_optimizer, steps_per_epoch, train_epoch
+from trainers.losses import DistillLoss, Outputs, build_distill_loss
+from trainers.measure import Latency, accuracy, count_macs, count_params, measure_latency
+from trainers.quantize import get_quantizer
+from trainers.teachers import TeacherTargets, compute_targets, load_teacher
+
+log = logging.getLogger("kdsearch")
+
+__all__ = ["TrialContext", "TrialDiverged", "prepare", "run_trial", "expected_footprint"]
+
+
+class Report(Protocol):
+    def __call__(self, metrics: dict[str, Any], state: Optional[dict[str, Any]] = None) -> None: ...
+
+
+#: ``latency_fn(model, example, artifact)``: the artifact file lets a remote measurer rebuild the model
+LatencyFn = Callable[[nn.Module, torch.Tensor, Path], Latency]
+
+
+def local_latency(model: nn.Module, example: torch.Tensor, artifact: Path) -> Latency:
+    return measure_latency(model, example)
+
+
+@dataclass
+class TrialContext:
+    """What every trial of a search shares: the data and the teacher's outputs on it."""
+
+    data: DataBundle
+    targets: TeacherTargets
+
+    @property
+    def example(self) -> torch.Tensor:
+        return self.data.train[0][0].unsqueeze(0)
+
+
+def hints_possible(space: Space) -> bool:
+    """Whether any point of the space asks for feature hints (so stage outputs must be cached)."""
+    knob = space.sections.get("distill", {}).get("hint_stages", Fixed("none"))
+    values = knob.values if isinstance(knob, Choice) else (knob.value,) if isinstance(knob, Fixed) else ()
+    return any(v != "none" for v in values)
+
+
+def prepare(space: Space) -> TrialContext:
+    """Load the data, load (or train and cache) the teacher, and run it once over the data."""
+    data = load_data(space.data)
+    teacher = load_teacher(space.teacher, data)
+    want_features = hints_possible(space)
+    described = space.teacher.family or space.teacher.path or space.teacher.module or ""
+    targets = compute_targets(teacher, data, want_features, described)
+    if want_features and not targets.feature_shapes:
+        raise SpaceError("distill.hint_stages", "the teacher exposes no stage outputs (no forward_stages)",
+                         "set hint_stages: none, or give a teacher module with forward_stages")
+    return TrialContext(data, targets)
+
+
+def expected_footprint(space: Space, config: TrialConfig, input_shape: tuple[int, ...], num_classes: int) -> dict[str, int]:
+    """Params and MACs of the student after pruning, known from the architecture before training.
+
+    Pruning removes the same number of channels per layer whatever the weights, so pruning a
+    freshly built copy gives the trained student's footprint: the driver can check constraints
+    and the scheduler can rank on size from the first epoch.
+    """
+    model = space.build_student(config, input_shape, num_classes)
+    example = torch.zeros(1, *input_shape)
+    if config.compress.prune_ratio > 0:
+        model = prune_student(model, config.compress.prune_ratio, "l1", example)
+    return {"params": count_params(model), "macs": count_macs(model, example)}
+
+
+class _Distiller:
+    """Student + loss + optimiser for one phase (distillation, or fine-tuning after pruning)."""
+
+    def __init__(self, student: nn.Module, config: TrialConfig, context: TrialContext, epochs: int, device: str):
+        self.student, self.context, self.config, self.device = student, context, config, device
+        self.loss = self._loss()
+        self.optimizer = make_optimizer(list(student.parameters()) + list(self.loss.parameters()), config.train)
+        self.scheduler = cosine_lr(self.optimizer, epochs * steps_per_epoch(context.data.train, config.train.batch_size))
+
+    def _loss(self) -> DistillLoss:
+        example = self.context.example.to(self.device)
+        with torch.no_grad():
+            was = self.student.training
+            _, features = self.student.eval().forward_stages(example)
+            self.student.train(was)
+        return build_distill_loss(self.config.distill, [f.shape for f in features],
+                                  self.context.targets.feature_shapes).to(self.device)
+
+    def step_loss(self, idx: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        hints = self.loss.needs_features
+        if hints:
+            logits, features = self.student.forward_stages(x)
+            student = Outputs(logits, features)
+        else:
+            student = Outputs(self.student(x))
+        teacher = self.context.targets.batch(idx, x, hints)
+        return self.loss(student, teacher, y)
+
+    def epoch(self, epoch: int, seed: int) -> float:
+        modules = nn.ModuleList([self.student, self.loss])
+        return train_epoch(modules, self.context.data.train, self.config.train.batch_size, seed,
+                           self.optimizer, self.scheduler, self.step_loss, epoch, self.device)
+
+    def state(self, epoch: int) -> dict[str, Any]:
+        return {"epoch": epoch, "student": self.student.state_dict(), "loss": self.loss.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load(self, state: dict[str, Any]) -> int:
+        self.student.load_state_dict(state["student"])
+        self.loss.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        return int(state["epoch"])
+
+
+def run_trial(space: Space, params: dict[str, Any], report: Optional[Report] = None, *,
+              context: Optional[TrialContext] = None, seed: int = 0, epochs: Optional[int] = None,
+              device: str = "cpu", artifact_dir: Optional[str | Path] = None,
+              latency_fn: LatencyFn = local_latency, checkpoint_state: bool = False,
+              resume: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Distil, compress and measure one student; return its final metrics.
+
+    ``report(metrics)`` is called after every epoch with ``val_acc`` and ``epoch`` (plus the
+    expected ``params``/``macs``); the last call also carries size and latency. With
+    ``checkpoint_state`` each distillation epoch's report also gets ``state=`` (a dict of
+    tensors) that ``resume=`` accepts to continue a trial where it stopped.
+    """
+    started = time.perf_counter()
+    config = space.resolve(params)
+    context = context or prepare(space)
+    data = context.data
+    emit = report or (lambda metrics, state=None: None)
+    torch.manual_seed(seed)
+    student = space.build_student(config, data.input_shape, data.num_classes).to(device)
+    footprint = expected_footprint(space, config, data.input_shape, data.num_classes)
+    distil_epochs = epochs or config.train.epochs
+    prune = config.compress.prune_ratio > 0
+    finetune_epochs = config.compress.finetune_epochs if prune else 0
+    last_epoch = distil_epochs + finetune_epochs
+    pending: dict[str, Any] = {}
+
+    def epoch_done(epoch: int, loss: float, phase: str, state: Optional[dict] = None) -> None:
+        nonlocal pending
+        pending = {"epoch": epoch, "val_acc": accuracy(student, data.val, device=device), "train_loss": loss,
+                   "phase": phase, **footprint}
+        if epoch == last_epoch:
+            return  # the last epoch is reported with the final measurement
+        if checkpoint_state and state is not None:
+            emit(pending, state=state)
+        else:
+            emit(pending)
+        pending = {}
+
+    distiller = _Distiller(student, config, context, distil_epochs, device)
+    start_epoch = distiller.load(resume) if resume else 0
+    for epoch in range(start_epoch, distil_epochs):
+        loss = distiller.epoch(epoch, seed)
+        epoch_done(epoch + 1, loss, "distill", distiller.state(epoch + 1) if checkpoint_state else None)
+    distilled_acc = accuracy(student, data.val, device=device)
+
+    example = context.example.to(device)
+    if prune:
+        targets = context.targets
+        student = prune_student(student, config.compress.prune_ratio, config.compress.prune_criterion, example,
+                                loss_fn=lambda m: _batch_loss(m, data, targets, config, device))
+        tuner = _Distiller(student, config, context, finetune_epochs, device)
+        for epoch in range(finetune_epochs):
+            loss = tuner.epoch(distil_epochs + epoch, seed)
+            epoch_done(distil_epochs + epoch + 1, loss, "finetune")
+
+    student = student.cpu().eval()
+    example = example.cpu()
+    float_metrics = {"params": count_params(student), "macs": count_macs(student, example)}
+    quantizer = get_quantizer(config.compress.quantize)
+    calib = [x for _, (_, x, _) in zip(range(config.compress.calib_batches), batches(data.train, config.train.batch_size))]
+    student = quantizer.quantize(student, calib, example)
+    final_acc = accuracy(student, data.val)
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact = Path(artifact_dir or tmp) / "student.pt"
+        artifact.parent.mkdir(parents=True, exist_ok=True)
+        size_bytes = save_student(student, artifact, meta={"params": config.params, "family": config.family,
+                                                           "input_shape": list(data.input_shape),
+                                                           "num_classes": data.num_classes})
+        latency = latency_fn(student, example, artifact)
+    final = {
+        **pending,
+        "epoch": last_epoch,
+        "val_acc": final_acc,
+        "val_acc_distilled": distilled_acc,
+        "teacher_val_acc": context.targets.val_acc,
+        **float_metrics,
+        "size_bytes": size_bytes,
+        **latency.as_metrics(),
+        "quant_backend": quantizer.backend,
+        "train_seconds": time.perf_counter() - started,
+        "family": config.family,
+    }
+    emit(final)
+    return {**final, "config": dict(config.params)}
+
+
+def _batch_loss(model: nn.Module, data: DataBundle, targets: TeacherTargets, config: TrialConfig, device: str) -> torch.Tensor:
+    """Logit-KD loss on one training batch: the gradient signal Taylor importance needs."""
+    from trainers.losses import kd_loss
+
+    idx, x, y = next(batches(data.train, config.train.batch_size, shuffle=True))
+    x, y = x.to(device), y.to(device)
+    return kd_loss(model(x), targets.logits[idx].to(device), y, config.distill.temperature, config.distill.alpha)
