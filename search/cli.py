@@ -158,6 +158,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", help="a search's parent run id")
     p.add_argument("--json", action="store_true", help="print pareto_front.json")
     p.set_defaults(func=cmd_pareto)
+
+    p = sub.add_parser("export", help="export the most accurate front student that meets the limits")
+    _tracking_args(p)
+    p.add_argument("--run-id", help="a search's parent run id (default: the latest search)")
+    p.add_argument("--max-latency-ms", type=float, help="limit on batch-1 latency")
+    p.add_argument("--max-params", type=int, help="limit on parameters")
+    p.add_argument("--max-size-bytes", type=int, help="limit on the artifact's bytes on disk")
+    p.add_argument("--out", default="exports", help="output folder")
+    p.add_argument("--format", default="onnx,pt2,state_dict", help="comma-separated: onnx, pt2, state_dict")
+    p.add_argument("--register", metavar="NAME", help="register the student in the MLflow Model Registry")
+    p.set_defaults(func=lambda args: __import__("search.export", fromlist=["cmd_export"]).cmd_export(args))
+
+    p = sub.add_parser("ui", help="the MLflow UI on 127.0.0.1 over the same store")
+    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking store")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=lambda args: __import__("search.ui", fromlist=["cmd_ui"]).cmd_ui(args))
     return parser
 
 

@@ -21,10 +21,6 @@ def is_final(result: Optional[dict]) -> bool:
     return bool(result) and "size_bytes" in result  # type: ignore[operator]
 
 
-def trial_number(trial_id: str) -> str:
-    return f"trial-{int(trial_id.rsplit('_', 1)[-1]):03d}" if "_" in trial_id else trial_id
-
-
 class SearchRecorder(tune.Callback):
     """Trial outcomes, the live front and hypervolume, MLflow runs and the progress line."""
 
@@ -34,6 +30,7 @@ class SearchRecorder(tune.Callback):
         self.objectives, self.reference, self.total, self.echo = objectives, reference, total, echo
         self.rows: dict[str, dict[str, Any]] = {}  # trial_id -> outcome row
         self.run_ids: dict[str, str] = {}
+        self.names: dict[str, str] = {}  # trial_id -> trial-001, in order of first sight
         self.running: set[str] = set()
         self.checkpoints: dict[str, Path] = {}
         self.hypervolume = 0.0
@@ -43,12 +40,16 @@ class SearchRecorder(tune.Callback):
             trial_id = run.data.tags.get(TRIAL_TAG)
             if trial_id:
                 self.run_ids[trial_id] = run.info.run_id
+                self.names[trial_id] = run.info.run_name
 
     # ---- MLflow runs --------------------------------------------------------------
 
+    def name(self, trial_id: str) -> str:
+        return self.names.setdefault(trial_id, f"trial-{len(self.names) + 1:03d}")
+
     def _run_for(self, trial) -> str:
         if trial.trial_id not in self.run_ids:
-            run = self.client.create_run(self.experiment_id, run_name=trial_number(trial.trial_id), tags={
+            run = self.client.create_run(self.experiment_id, run_name=self.name(trial.trial_id), tags={
                 PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial.trial_id, STATUS_TAG: "running"})
             self.run_ids[trial.trial_id] = run.info.run_id
             params = {k: str(v)[:500] for k, v in trial.config.items()}
@@ -84,7 +85,7 @@ class SearchRecorder(tune.Callback):
     def _finish(self, trial, status: str, result: dict, error: str = "") -> None:
         run_id = self._run_for(trial)
         self.running.discard(trial.trial_id)
-        row = {"trial": trial_number(trial.trial_id), "trial_id": trial.trial_id, "run_id": run_id, "status": status,
+        row = {"trial": self.name(trial.trial_id), "trial_id": trial.trial_id, "run_id": run_id, "status": status,
                **{k: v for k, v in result.items() if k in self.objectives or k in KEEP},
                "config": dict(trial.config)}
         self.rows[trial.trial_id] = row

@@ -1,0 +1,139 @@
+"""One real distillation trial on digits: it learns, reports, measures, caches its teacher and fails cleanly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import yaml
+
+from spaces import DEFAULT_SPACE, PinnedSuggester, RandomSuggester, SpaceError, parse_space
+from trainers import teachers
+from trainers.measure import accuracy
+from trainers.trial import TrialDiverged, prepare, run_trial
+
+from conftest import ROOT, write_module
+
+SMALL_CNN = {
+    "student.family": "cnn", "student.cnn.stages": 2, "student.cnn.channels": 16, "student.cnn.blocks": 1,
+    "student.cnn.kernel": 3, "student.cnn.residual": True, "distill.hint_stages": "none",
+    "train.lr": 0.005, "train.batch_size": 32, "compress.prune_ratio": 0.0, "compress.quantize": "none",
+}
+
+
+def params(space, pinned, seed=0):
+    return space.sample(PinnedSuggester(pinned, RandomSuggester(seed)))
+
+
+def test_short_trial_learns_digits_and_measures_everything(digits_space, digits_context):
+    reports = []
+    config = params(digits_space, SMALL_CNN)
+    untrained = digits_space.build_student(digits_space.resolve(config), (1, 8, 8), 10)
+    result = run_trial(digits_space, config, lambda m, state=None: reports.append(m), context=digits_context, epochs=4)
+    assert accuracy(untrained, digits_context.data.val) < 0.3
+    assert result["val_acc"] >= 0.9
+    assert [r["epoch"] for r in reports] == [1, 2, 3, 4]
+    assert all("latency_ms" not in r for r in reports[:-1]) and "latency_ms" in reports[-1]
+    for key in ("params", "macs", "size_bytes", "latency_ms", "latency_iqr_ms", "train_seconds"):
+        assert result[key] > 0, key
+    assert result["latency_runs"] >= 30 and result["latency_threads"] == 1
+    assert result["params"] == sum(p.numel() for p in untrained.parameters())
+
+
+def test_feature_hints_train_with_adapters(digits_space, digits_context):
+    config = params(digits_space, {**SMALL_CNN, "distill.hint_stages": "all", "distill.hint_weight": 0.5})
+    result = run_trial(digits_space, config, context=digits_context, epochs=2)
+    assert result["val_acc"] > 0.5
+
+
+def test_teacher_is_cached_not_retrained(digits_space, digits_context, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached teacher was retrained")
+
+    monkeypatch.setattr(teachers, "train_builtin_teacher", no_training)
+    again = prepare(digits_space)
+    assert torch.equal(again.targets.logits, digits_context.targets.logits)
+    assert again.targets.val_acc >= 0.95
+    other = digits_space.teacher.model_copy(update={"seed": 1})
+    assert teachers.teacher_key(other, again.data) != teachers.teacher_key(digits_space.teacher, again.data)
+
+
+def test_resume_continues_from_the_reported_state(digits_space, digits_context):
+    config = params(digits_space, SMALL_CNN)
+    states = []
+
+    def keep(metrics, state=None):
+        if state is not None:
+            states.append(state)
+
+    run_trial(digits_space, config, keep, context=digits_context, epochs=3, checkpoint_state=True)
+    assert [s["epoch"] for s in states] == [1, 2]
+    epochs = []
+    result = run_trial(digits_space, config, lambda m, state=None: epochs.append(m["epoch"]), context=digits_context,
+                       epochs=3, resume=states[0])
+    assert epochs == [2, 3] and result["val_acc"] > 0.8
+
+
+NAN_FAMILY = textwrap.dedent("""
+    import torch
+    from torch import nn
+    from spaces import StagedNet
+
+    class Poison(nn.Module):
+        def forward(self, x):
+            return x * float("nan")
+
+    def build(config, input_shape, num_classes):
+        return StagedNet(nn.Flatten(), [nn.Sequential(nn.Linear(64, 8), Poison())], nn.Linear(8, num_classes))
+""")
+
+
+def nan_space(tmp_path, monkeypatch):
+    write_module(tmp_path, "nan_family", NAN_FAMILY, monkeypatch)
+    raw = yaml.safe_load(DEFAULT_SPACE.read_text())
+    raw["students"] = {"poison": {"builder": "nan_family:build"}}
+    raw["distill"]["hint_stages"] = "none"
+    raw["compress"] = {"prune_ratio": 0.0, "quantize": "none"}
+    path = tmp_path / "nan.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_nan_loss_ends_the_trial_as_diverged(tmp_path, monkeypatch, digits_context):
+    space = parse_space(yaml.safe_load(nan_space(tmp_path, monkeypatch).read_text()))
+    with pytest.raises(TrialDiverged, match="diverged"):
+        run_trial(space, space.sample_random(0), context=digits_context, epochs=2)
+
+
+def test_teacher_with_wrong_classes_is_refused_before_training(tmp_path, monkeypatch):
+    write_module(tmp_path, "bad_teacher", "from torch import nn\n"
+                 "def build():\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 7))\n", monkeypatch)
+    raw = yaml.safe_load(DEFAULT_SPACE.read_text())
+    raw["teacher"] = {"module": "bad_teacher:build"}
+    raw["distill"]["hint_stages"] = "none"
+    with pytest.raises(SpaceError) as err:
+        prepare(parse_space(raw))
+    assert err.value.path == "teacher" and "10 classes" in str(err.value)
+
+
+def test_trial_cli_prints_summary_and_json_last_line(digits_context):
+    proc = subprocess.run([sys.executable, "-m", "search.cli", "trial", "--seed", "0", "--epochs", "2",
+                           "--params", json.dumps({"student.family": "mlp", "compress.quantize": "dynamic_int8"})],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("val_acc", "params", "macs", "size_bytes", "latency_ms", "latency_iqr_ms", "train_seconds", "config"):
+        assert key in last
+    assert last["config"]["student.family"] == "mlp" and last["quant_backend"] != "none"
+    assert "Traceback" not in proc.stderr and "Warning" not in proc.stderr
+
+
+def test_trial_cli_bad_params_is_one_line_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "search.cli", "trial", "--params", '{"student.cnn.kernel": 9}'],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "student.cnn.kernel" in proc.stderr
