@@ -56,9 +56,9 @@ def log_front_models(space: Space, context: Any, recorder: SearchRecorder, front
         model = load_trial_student(space, row["config"], path, context.data.input_shape, context.data.num_classes)
         with torch.no_grad():
             output = model(example).numpy()
-        logged, serialization = mlflow_flavour(model, example)
         with mlflow.start_run(run_id=row["run_id"]), warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            logged, serialization = mlflow_flavour(model, example)
             mlflow.pytorch.log_model(logged, name="model", input_example=example.numpy(), serialization_format=serialization,
                                      signature=infer_signature(example.numpy(), output), pip_requirements=requirements)
 
@@ -68,7 +68,8 @@ def mlflow_flavour(model: torch.nn.Module, example: torch.Tensor) -> tuple[torch
     pickle) as TorchScript traces, which MLflow stores with ``torch.jit.save``."""
     if quant_info(model) is None:
         return model, "pt2"
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
         return torch.jit.trace(model, example), "pickle"
 
 

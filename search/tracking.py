@@ -7,6 +7,7 @@ second, and no worker needs to reach the tracking store.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -45,12 +46,28 @@ def client(tracking_uri: str):
     mlflow.set_tracking_uri(tracking_uri)
     c = MlflowClient(tracking_uri)
     try:
-        c.search_experiments(max_results=1)
+        with _fail_fast():
+            c.search_experiments(max_results=1)
     except Exception as exc:  # MLflow raises many kinds here: connection, SQL, REST
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise TrackingError(f"--tracking-uri {tracking_uri}: cannot reach the tracking store ({first}); "
                             "fix: start the server or pass a reachable URI such as sqlite:///mlflow.db") from None
     return c
+
+
+@contextlib.contextmanager
+def _fail_fast():
+    """One quick try when checking a server: MLflow's default retries take minutes to give up."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def experiment_id(c, name: str, create: bool) -> str:

@@ -38,3 +38,17 @@ def write_module(tmp_path: Path, name: str, source: str, monkeypatch: pytest.Mon
     (tmp_path / f"{name}.py").write_text(source)
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop(name, None)
+
+
+@pytest.fixture(scope="session")
+def digits_search(tmp_path_factory: pytest.TempPathFactory, teacher_cache):
+    """One real search (Ray Tune + Optuna + MLflow) of six short trials, shared by the tests that read it."""
+    from search.driver import SearchOptions, run_search
+
+    folder = tmp_path_factory.mktemp("search")
+    options = SearchOptions(num_samples=6, max_concurrent=2, epochs=3, grace_period=1, scheduler="asha",
+                            tracking_uri=f"sqlite:///{folder}/mlflow.db", experiment="e2e", storage=str(folder / "ray"),
+                            seed=0)
+    messages: list[str] = []
+    result = run_search(options, echo=messages.append)
+    return {"options": options, "result": result, "messages": messages, "folder": folder}
