@@ -186,7 +186,7 @@ def run_search(options: SearchOptions, echo: Callable[[str], None] = echo) -> Se
 
     from search import finalize
     from search.latency import start_measurer
-    from search.pareto import Reference
+    from search.pareto import reference_point
     from search.recorder import SearchRecorder, is_final
     from search.searchers import KDSearch, make_sampler
     from search.tracking import ROLE_TAG, client, experiment_id, log_json, ui_link
@@ -220,7 +220,7 @@ def run_search(options: SearchOptions, echo: Callable[[str], None] = echo) -> Se
     start_ray(options.address)
     try:
         max_t = max_epochs(space, options.epochs)
-        reference = Reference.for_space(space.objectives, space.reference_point, space.constraints)
+        reference = reference_point(space.objectives, space.reference_point, space.constraints, context.targets.footprint)
         recorder = SearchRecorder(mlflow_client, exp_id, parent_id, space.objectives, reference, options.num_samples, echo)
         searcher = KDSearch(space, make_sampler(options.searcher, options.seed, options.num_samples), is_final)
         scheduler = make_scheduler(options.scheduler, space, max_t, options.grace_period, options.reduction_factor)

@@ -79,9 +79,9 @@ def finish(space: Space, context: Any, recorder: SearchRecorder, mlflow_client, 
     remeasure_latency(space, context, recorder, mlflow_client, echo)
     rows = recorder.complete_rows()
     objectives = space.objectives
-    reference = recorder.reference.resolve(rows) or {}
+    reference = recorder.reference
     front = pareto_front(rows, objectives)
-    volume = hypervolume(rows, objectives, reference) if reference else 0.0
+    volume = hypervolume(rows, objectives, reference)
     mlflow_client.log_metric(parent_id, "hypervolume", volume, step=len(rows))
     log_metrics(mlflow_client, parent_id, {f"trials_{k}": float(v) for k, v in recorder.counts().items() if k != "running"})
     mlflow_client.log_param(parent_id, "reference_point", str(reference))

@@ -7,11 +7,12 @@ under-trained figure and would put students on the front that do not deserve it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
 import moocore
 import numpy as np
+
+from spaces import SpaceError
 
 Objectives = Mapping[str, str]  # metric -> "max" | "min"
 
@@ -59,44 +60,24 @@ def hypervolume(rows: Sequence[Mapping[str, Any]], objectives: Objectives, refer
     return float(moocore.hypervolume(points, ref=ref, maximise=_maximise(objectives)))
 
 
-@dataclass
-class Reference:
-    """The hypervolume reference point: declared, or derived once and then frozen.
+def reference_point(objectives: Objectives, declared: Optional[Mapping[str, float]], constraints: Mapping[str, float],
+                    teacher: Mapping[str, float]) -> dict[str, float]:
+    """The hypervolume reference: declared, else derived before the search so it never moves.
 
-    Frozen so the hypervolume logged as trials complete only ever grows. A derived point
-    takes 0 for maximised metrics (accuracy cannot be worse), the constraint bound for a
-    constrained minimised metric, and otherwise twice the worst value of the first trials.
+    Derived: 0 for a maximised metric (accuracy cannot be worse), the constraint bound for a
+    constrained minimised one, else the teacher's own figure: a student that costs more than
+    its teacher is worth nothing.
     """
-
-    objectives: dict[str, str]
-    known: dict[str, float]
-    values: Optional[dict[str, float]] = None
-
-    @classmethod
-    def for_space(cls, objectives: Objectives, declared: Optional[Mapping[str, float]],
-                  constraints: Mapping[str, float]) -> "Reference":
-        if declared:
-            values = {m: float(declared[m]) for m in objectives}
-            return cls(dict(objectives), values, values)
-        known = {}
-        for metric, direction in objectives.items():
-            if direction == "max":
-                known[metric] = 0.0
-            elif f"max_{metric}" in constraints:
-                known[metric] = float(constraints[f"max_{metric}"])
-        return cls(dict(objectives), known)
-
-    def resolve(self, rows: Sequence[Mapping[str, Any]]) -> Optional[dict[str, float]]:
-        """The reference values, deriving the missing ones from ``rows`` the first time."""
-        if self.values is not None:
-            return self.values
-        values = dict(self.known)
-        points = objective_matrix(rows, self.objectives)
-        for i, metric in enumerate(self.objectives):
-            if metric not in values:
-                column = points[:, i][np.isfinite(points[:, i])] if len(points) else points[:0, 0]
-                if not len(column):
-                    return None
-                values[metric] = float(2.0 * column.max())
-        self.values = values
-        return self.values
+    if declared:
+        return {m: float(declared[m]) for m in objectives}
+    reference = {}
+    for metric, direction in objectives.items():
+        if direction == "max":
+            reference[metric] = 0.0
+        elif f"max_{metric}" in constraints:
+            reference[metric] = float(constraints[f"max_{metric}"])
+        elif teacher.get(metric):
+            reference[metric] = float(teacher[metric])
+        else:
+            raise SpaceError("reference_point", f"no bound for {metric}", "declare reference_point in the space file")
+    return reference

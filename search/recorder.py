@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 from mlflow.entities import Metric, Param
 from ray import tune
 
-from search.pareto import Reference, hypervolume, pareto_front
+from search.pareto import hypervolume, pareto_front
 from search.tracking import PARENT_TAG, STATUS_TAG, TRIAL_TAG, flat_metrics, trial_runs
 
 COMPLETE, PRUNED, FAILED = "complete", "pruned", "failed"
@@ -25,7 +25,7 @@ class SearchRecorder(tune.Callback):
     """Trial outcomes, the live front and hypervolume, MLflow runs and the progress line."""
 
     def __init__(self, mlflow_client, experiment_id: str, parent_run_id: str, objectives: dict[str, str],
-                 reference: Reference, total: int, echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr)):
+                 reference: dict[str, float], total: int, echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr)):
         self.client, self.experiment_id, self.parent_run_id = mlflow_client, experiment_id, parent_run_id
         self.objectives, self.reference, self.total, self.echo = objectives, reference, total, echo
         self.rows: dict[str, dict[str, Any]] = {}  # trial_id -> outcome row
@@ -111,10 +111,7 @@ class SearchRecorder(tune.Callback):
 
     def _update_front(self) -> None:
         rows = self.complete_rows()
-        reference = self.reference.resolve(rows)
-        if reference is None:
-            return
-        self.hypervolume = hypervolume(rows, self.objectives, reference)
+        self.hypervolume = hypervolume(rows, self.objectives, self.reference)
         self.client.log_metric(self.parent_run_id, "hypervolume", self.hypervolume, step=len(rows))
 
     def front(self) -> list[dict[str, Any]]:

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from search.pareto import Reference, hypervolume, pareto_front, pareto_mask
+from search.pareto import hypervolume, pareto_front, pareto_mask, reference_point
+from spaces import SpaceError
 from search.tracking import PARENT_TAG, ROLE_TAG, STATUS_TAG, client, latest_search_run, read_artifact_json
 
 from conftest import ROOT
@@ -54,13 +55,14 @@ def test_three_objective_hypervolume_matches_inclusion_exclusion():
     assert hypervolume(rows, objectives, {"a": 4, "b": 4, "c": 4}) == pytest.approx(8.0)
 
 
-def test_reference_point_is_declared_or_derived_once():
-    declared = Reference.for_space(OBJECTIVES, {"val_acc": 0.1, "latency_ms": 3, "params": 1000}, {})
-    assert declared.resolve([]) == {"val_acc": 0.1, "latency_ms": 3.0, "params": 1000.0}
-    derived = Reference.for_space(OBJECTIVES, None, {"max_params": 5000})
-    first = derived.resolve([{"val_acc": 0.9, "latency_ms": 0.5, "params": 100}])
-    assert first == {"val_acc": 0.0, "latency_ms": 1.0, "params": 5000.0}
-    assert derived.resolve([{"val_acc": 0.9, "latency_ms": 9.0, "params": 100}]) == first  # frozen
+def test_reference_point_is_declared_or_derived_from_constraints_and_teacher():
+    teacher = {"params": 100_000, "latency_ms": 0.3, "macs": 1e6}
+    declared = reference_point(OBJECTIVES, {"val_acc": 0.1, "latency_ms": 3, "params": 1000}, {}, teacher)
+    assert declared == {"val_acc": 0.1, "latency_ms": 3.0, "params": 1000.0}
+    derived = reference_point(OBJECTIVES, None, {"max_params": 5000}, teacher)
+    assert derived == {"val_acc": 0.0, "latency_ms": 0.3, "params": 5000.0}
+    with pytest.raises(SpaceError, match="reference_point"):
+        reference_point({"size_bytes": "min"}, None, {}, teacher)
 
 
 # --------------------------------------------------------------------------- end to end

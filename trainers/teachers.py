@@ -12,6 +12,7 @@ Teacher outputs on the un-augmented training set are computed once into
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from spaces import SpaceError, TeacherConfig, TrainConfig, get_family, import_re
 from trainers.data import DataBundle, batches
 from trainers.losses import Outputs
 from trainers.loop import cosine_lr, make_optimizer, steps_per_epoch, train_epoch
-from trainers.measure import accuracy
+from trainers.measure import accuracy, count_macs, count_params, measure_latency
 
 log = logging.getLogger("kdsearch")
 
@@ -111,6 +112,7 @@ class TeacherTargets:
     feature_shapes: list[torch.Size] = field(default_factory=list)
     val_acc: float = 0.0
     description: str = ""
+    footprint: dict[str, float] = field(default_factory=dict)  # the teacher's params, macs, size_bytes, latency_ms
     teacher: Optional[nn.Module] = None  # kept only when features are too large to cache
 
     def batch(self, idx: torch.Tensor, x: torch.Tensor, with_features: bool) -> Outputs:
@@ -141,6 +143,18 @@ def compute_targets(teacher: nn.Module, data: DataBundle, want_features: bool, d
             store.append(f.float())
     return TeacherTargets(
         torch.cat(logits), [torch.cat(f) for f in features] if cache_features else [], shapes,
-        accuracy(teacher, data.val), description,
+        accuracy(teacher, data.val), description, footprint(teacher, example),
         teacher=None if cache_features or not want_features else teacher,
     )
+
+
+def footprint(model: nn.Module, example: torch.Tensor) -> dict[str, float]:
+    """Params, MACs, bytes and latency of a float model: what a student is compared against."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    try:
+        macs = count_macs(model, example)
+    except Exception:  # an exported or scripted teacher may not trace under the counter
+        macs = 0
+    return {"params": count_params(model), "macs": macs, "size_bytes": buffer.getbuffer().nbytes,
+            "latency_ms": measure_latency(model, example).median_ms}
