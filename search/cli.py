@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="Ray Tune storage path (default: ./ray_results); shared on a cluster")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--searcher", choices=("nsga2", "tpe", "random"), default="nsga2")
-    p.add_argument("--scheduler", default="asha", help="pareto-asha | asha | none")
+    p.add_argument("--scheduler", default="pareto-asha", help="pareto-asha (default) | asha | none")
     p.add_argument("--max-failures", type=int, default=0, help="retries of a trial whose worker died")
     p.add_argument("--epochs", type=int, help="override the space's distillation epochs")
     p.set_defaults(func=cmd_run)

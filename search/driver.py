@@ -37,7 +37,7 @@ class SearchOptions:
     storage: Optional[str] = None
     seed: int = 0
     searcher: str = "nsga2"
-    scheduler: str = "asha"
+    scheduler: str = "pareto-asha"
     max_failures: int = 0
     epochs: Optional[int] = None
     grace_period: int = 2
@@ -154,6 +154,32 @@ def scheduler_objectives(space: Space) -> tuple[list[str], list[str]]:
     return list(chosen), list(chosen.values())
 
 
+class ConstraintCheck:
+    """A check of a sampled configuration against the space's size constraints, before launch.
+
+    Params and MACs after pruning are known from the architecture, so a student that breaks
+    ``max_params`` or ``max_macs`` is rejected without training and never takes a worker.
+    A class, not a closure: Tune pickles the searcher (and this) into its experiment state.
+    """
+
+    def __init__(self, space: Space, input_shape: tuple[int, ...], num_classes: int) -> None:
+        from spaces.schema import CONSTRAINT_KEYS
+
+        self.space, self.input_shape, self.num_classes = space, tuple(input_shape), num_classes
+        self.limits = {CONSTRAINT_KEYS[k]: v for k, v in space.constraints.items() if CONSTRAINT_KEYS[k] in ("params", "macs")}
+
+    def __call__(self, params: dict[str, Any]) -> Optional[str]:
+        from trainers.trial import expected_footprint
+
+        if not self.limits:
+            return None
+        footprint = expected_footprint(self.space, self.space.resolve(params), self.input_shape, self.num_classes)
+        for metric, bound in self.limits.items():
+            if footprint[metric] > bound:
+                return f"{metric} {footprint[metric]:,} > max_{metric} {bound:,.0f}"
+        return None
+
+
 def start_ray(address: Optional[str]) -> None:
     import ray
 
@@ -222,7 +248,9 @@ def run_search(options: SearchOptions, echo: Callable[[str], None] = echo) -> Se
         max_t = max_epochs(space, options.epochs)
         reference = reference_point(space.objectives, space.reference_point, space.constraints, context.targets.footprint)
         recorder = SearchRecorder(mlflow_client, exp_id, parent_id, space.objectives, reference, options.num_samples, echo)
-        searcher = KDSearch(space, make_sampler(options.searcher, options.seed, options.num_samples), is_final)
+        searcher = KDSearch(space, make_sampler(options.searcher, options.seed, options.num_samples), is_final,
+                            ConstraintCheck(space, context.data.input_shape, context.data.num_classes))
+        recorder.rejected = lambda: len(searcher.rejected)
         scheduler = make_scheduler(options.scheduler, space, max_t, options.grace_period, options.reduction_factor)
         measurer = start_measurer(space, context.data.input_shape, context.data.num_classes)
         trainable = tune.with_resources(

@@ -35,7 +35,7 @@ class SearchRecorder(tune.Callback):
         self.checkpoints: dict[str, Path] = {}
         self.hypervolume = 0.0
         self.started = time.monotonic()
-        self.rejected = 0
+        self.rejected: Callable[[], int] = lambda: 0  # configurations refused before launch (constraints)
         for run in trial_runs(mlflow_client, mlflow_client.get_run(parent_run_id)):  # a resumed search
             trial_id = run.data.tags.get(TRIAL_TAG)
             if trial_id:
@@ -120,14 +120,14 @@ class SearchRecorder(tune.Callback):
     def counts(self) -> dict[str, int]:
         statuses = [r["status"] for r in self.rows.values()]
         return {"running": len(self.running), COMPLETE: statuses.count(COMPLETE), PRUNED: statuses.count(PRUNED),
-                FAILED: statuses.count(FAILED)}
+                FAILED: statuses.count(FAILED), "rejected": self.rejected()}
 
     def _progress(self) -> None:
         c = self.counts()
         done = c[COMPLETE] + c[PRUNED] + c[FAILED]
         elapsed = time.monotonic() - self.started
         self.echo(f"[{done:>3}/{self.total}] running {c['running']}  complete {c[COMPLETE]}  pruned {c[PRUNED]}  "
-                  f"failed {c[FAILED]}  front {len(self.front())}  hypervolume {self.hypervolume:.4g}  ({elapsed:.0f} s)")
+                  f"failed {c[FAILED]}  rejected {c['rejected']}  front {len(self.front())}  hypervolume {self.hypervolume:.4g}  ({elapsed:.0f} s)")
 
 
 #: result keys kept in a trial's row besides the objectives

@@ -20,7 +20,7 @@ from torch import nn
 
 from spaces import Choice, Fixed, Space, SpaceError, TrialConfig
 from trainers.checkpoint import save_student
-from trainers.compress import prune_student
+from trainers.compress import prune_student, recalibrate_batchnorm
 from trainers.data import DataBundle, batches, load_data
 from trainers.loop import TrialDiverged, cosine_lr, make_optimizer, steps_per_epoch, train_epoch
 from trainers.losses import DistillLoss, Outputs, build_distill_loss
@@ -182,10 +182,13 @@ def run_trial(space: Space, params: dict[str, Any], report: Optional[Report] = N
     distilled_acc = accuracy(student, data.val, device=device)
 
     example = context.example.to(device)
+    calib = [x for _, (_, x, _) in zip(range(config.compress.calib_batches),
+                                       batches(data.train, config.train.batch_size, shuffle=True, seed=seed))]
     if prune:
         targets = context.targets
         student = prune_student(student, config.compress.prune_ratio, config.compress.prune_criterion, example,
                                 loss_fn=lambda m: _batch_loss(m, data, targets, config, device))
+        recalibrate_batchnorm(student, [x.to(device) for x in calib])  # pruning leaves BatchNorm statistics stale
         tuner = _Distiller(student, config, context, finetune_epochs, device)
         for epoch in range(finetune_epochs):
             loss = tuner.epoch(distil_epochs + epoch, seed)
@@ -195,7 +198,6 @@ def run_trial(space: Space, params: dict[str, Any], report: Optional[Report] = N
     example = example.cpu()
     float_metrics = {"params": count_params(student), "macs": count_macs(student, example)}
     quantizer = get_quantizer(config.compress.quantize)
-    calib = [x for _, (_, x, _) in zip(range(config.compress.calib_batches), batches(data.train, config.train.batch_size))]
     student = quantizer.quantize(student, calib, example)
     final_acc = accuracy(student, data.val)
     with tempfile.TemporaryDirectory() as tmp:

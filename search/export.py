@@ -1,0 +1,738 @@
+"""``kdsearch export``: the most accurate front student that meets the limits, as deployable files.
+
+The student is rebuilt from the checkpoint its trial logged (``student/student.pt`` in the
+nested run) and the space the search logged (``space.yaml`` in the parent run), then written
+in the asked formats and *verified*: every file is run by its own runtime and compared with
+the rebuilt in-process model on the validation set. A file that does not match is an error,
+never a warning.
+
+Where files go: ``<out>/<search run name>/<trial>/`` (e.g. ``exports/digits-20261125-021928/
+trial-002/``), written in a staging folder and moved there only once every file passed, so a
+folder holding a ``model_card.json`` is always a complete, verified export. Exporting the
+same trial again replaces it.
+
+Formats and how each kind of student gets there:
+
+==============  ===========================================  =========================================
+format          float student                                int8 student (``trainers.quantize``)
+==============  ===========================================  =========================================
+``onnx``        ``student.onnx``: ``torch.onnx.export``      ``static_int8``: ``student.onnx`` as a QDQ
+                (dynamo exporter, dynamic batch axis)        graph (QuantizeLinear/DequantizeLinear
+                                                             around float Conv/Gemm) from the
+                                                             TorchScript-based exporter, which knows
+                                                             the FX-quantized ops (the dynamo exporter
+                                                             cannot trace them).
+                                                             ``dynamic_int8``: the exact int8 weights
+                                                             and scales feed DequantizeLinear -> Gemm,
+                                                             and the activations are fake-quantized per
+                                                             batch in ONNX ops as torch's dynamic int8
+                                                             kernel does (dynamo exporter).
+``pt2``         ``student.pt2``: ``torch.export`` program    ``student.ts``: a TorchScript trace
+                (``torch.export.load(f).module()``)          (``torch.jit.load``): quantized modules
+                                                             neither ``torch.export`` nor pickle.
+``state_dict``  ``student.pt``: the trial's checkpoint as logged (load with
+                ``trainers.checkpoint.load_student``; ``weights_only`` safe)
+==============  ===========================================  =========================================
+
+Parity rule (:data:`TOLERANCE`): a float student's files must give logits within 1e-4 of the
+in-process model on a validation batch and the same validation accuracy within 0.1 point;
+an int8 student's within 0.5 point (int8 kernels round differently from runtime to runtime,
+so their max abs difference is reported, not bounded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import math
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from search.cli import UserError
+
+__all__ = [
+    "FORMATS", "ExportError", "Exported", "Limits", "NoTrialFits", "Parity", "cmd_export", "export_student",
+    "select", "violation",
+]
+
+#: the ``--format`` names, in the order files are written
+FORMATS = ("onnx", "pt2", "state_dict")
+#: samples of the validation batch the max abs difference is taken on
+VAL_BATCH = 64
+#: how far a file may be from the in-process model: logits (None: reported only) and accuracy points
+TOLERANCE = {"float": {"max_abs_diff": 1e-4, "acc_points": 0.1}, "int8": {"max_abs_diff": None, "acc_points": 0.5}}
+#: how many of the nearest trials a "nothing fits" error lists
+CLOSEST = 3
+
+Predict = Callable[[torch.Tensor], np.ndarray]
+
+
+class ExportError(UserError):
+    """An export that cannot be written or does not match the in-process student (exit code 2)."""
+
+
+# --------------------------------------------------------------------------- selection
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds on front metrics; ``None`` leaves a metric free."""
+
+    max_latency_ms: Optional[float] = None
+    max_params: Optional[int] = None
+    max_size_bytes: Optional[int] = None
+
+    #: field -> (flag, metric of a front row)
+    FIELDS: ClassVar[dict[str, tuple[str, str]]] = {"max_latency_ms": ("--max-latency-ms", "latency_ms"), "max_params": ("--max-params", "params"),
+              "max_size_bytes": ("--max-size-bytes", "size_bytes")}
+
+    def checks(self) -> list[tuple[str, str, float]]:
+        """``(flag, metric, bound)`` for every limit that is set."""
+        return [(flag, metric, float(getattr(self, name))) for name, (flag, metric) in self.FIELDS.items()
+                if getattr(self, name) is not None]
+
+    def as_dict(self) -> dict[str, float]:
+        """``{metric: bound}`` (what the model card records)."""
+        return {metric: bound for _, metric, bound in self.checks()}
+
+    def describe(self) -> str:
+        checks = self.checks()
+        return " ".join(f"{flag} {_fmt(bound)}" for flag, _, bound in checks) if checks else "no limits"
+
+    def validate(self) -> "Limits":
+        """Refuse limits no student can meet by construction (zero, negative, NaN)."""
+        for flag, _, bound in self.checks():
+            if not math.isfinite(bound) or bound <= 0:
+                raise UserError(f"{flag} {_fmt(bound)}: a limit must be a positive number; fix: pass e.g. {flag} 1000")
+        return self
+
+
+class NoTrialFits(UserError):
+    """No front trial meets the limits; ``closest`` holds the nearest rows (smallest violation first)."""
+
+    def __init__(self, message: str, closest: list[dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.closest = closest
+
+
+def _number(value: Any) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def violation(row: Mapping[str, Any], limits: Limits) -> float:
+    """How far ``row`` is from meeting ``limits``: the sum of relative overshoots
+    (``value / bound - 1`` where above the bound), 0 when it meets them all, ``inf`` when a
+    limited metric is missing. Relative, so milliseconds and parameter counts add up."""
+    total = 0.0
+    for _, metric, bound in limits.checks():
+        value = _number(row.get(metric))
+        if value is None:
+            return math.inf
+        total += max(0.0, value / bound - 1.0)
+    return total
+
+
+def _accuracy_key(row: Mapping[str, Any]) -> tuple[float, float, float]:
+    """Most accurate first; ties go to the faster, then the smaller student."""
+    acc = _number(row.get("val_acc"))
+    lat = _number(row.get("latency_ms"))
+    params = _number(row.get("params"))
+    return (-(acc if acc is not None else -math.inf), lat if lat is not None else math.inf,
+            params if params is not None else math.inf)
+
+
+def select(front: Sequence[Mapping[str, Any]], limits: Limits) -> dict[str, Any]:
+    """The most accurate complete front row meeting every limit.
+
+    Raises :class:`NoTrialFits` (a :class:`UserError`) naming the :data:`CLOSEST` trials with
+    the smallest :func:`violation` and their figures when none does.
+    """
+    rows = [dict(r) for r in front if r.get("status", "complete") == "complete" and _number(r.get("val_acc")) is not None]
+    if not rows:
+        raise NoTrialFits("the search's front holds no complete trial; fix: run a longer search (more --num-samples)", [])
+    fits = [r for r in rows if violation(r, limits) == 0.0]
+    if fits:
+        return min(fits, key=_accuracy_key)
+    closest = sorted(rows, key=lambda r: (violation(r, limits), _accuracy_key(r)))[:CLOSEST]
+    described = "; ".join(_describe_miss(r, limits) for r in closest)
+    raise NoTrialFits(f"no front trial meets {limits.describe()} ({len(rows)} on the front); closest: {described}; "
+                      "fix: relax a limit or search longer", closest)
+
+
+def _describe_miss(row: Mapping[str, Any], limits: Limits) -> str:
+    parts = [f"{row.get('trial', row.get('trial_id', '?'))} val_acc {_fmt(row.get('val_acc'))}"]
+    for _, metric, bound in limits.checks():
+        value = _number(row.get(metric))
+        if value is None:
+            parts.append(f"{metric} unknown")
+        elif value > bound:
+            parts.append(f"{metric} {_fmt(value)} > {_fmt(bound)} (+{(value / bound - 1) * 100:.0f}%)")
+        else:
+            parts.append(f"{metric} {_fmt(value)} ok")
+    return " ".join(parts)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.0f}" if value.is_integer() and abs(value) >= 1000 else f"{value:.4g}"
+    return str(value)
+
+
+# --------------------------------------------------------------------------- parity
+
+
+@dataclass
+class Parity:
+    """One exported file against the in-process student on the validation set."""
+
+    max_abs_diff: float          # logits, on the first VAL_BATCH validation samples
+    batch: int
+    val_acc: float               # the file's accuracy on the whole validation set
+    reference_val_acc: float     # the in-process model's
+    acc_diff_points: float       # |val_acc - reference_val_acc| in percentage points
+    samples: int
+    tolerance: dict[str, Optional[float]]
+    ok: bool
+
+
+@dataclass
+class Exported:
+    """One written and verified file."""
+
+    format: str                  # onnx | pt2 | state_dict
+    file: str                    # name inside the export folder
+    kind: str                    # what the file holds, e.g. "onnx (QDQ int8)" or "torch.export program"
+    bytes: int
+    sha256: str
+    runtime: str                 # what it was verified with
+    parity: Parity
+
+
+def _predictions(predict: Predict, dataset: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Arg-max predictions and labels over ``dataset`` (batches of 512, in order)."""
+    from trainers.data import batches
+
+    preds, labels = [], []
+    for _, x, y in batches(dataset, 512):
+        preds.append(np.asarray(predict(x.float())).argmax(axis=-1))
+        labels.append(y.numpy())
+    return np.concatenate(preds), np.concatenate(labels)
+
+
+def torch_predict(model: Callable[[torch.Tensor], torch.Tensor]) -> Predict:
+    """A :data:`Predict` running a torch module (or loaded program) without gradients."""
+
+    def predict(x: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            return model(x).float().numpy()
+
+    return predict
+
+
+@dataclass
+class Reference:
+    """The rebuilt in-process student's outputs that every file is compared with."""
+
+    batch: torch.Tensor
+    logits: np.ndarray
+    val_acc: float
+    samples: int
+
+
+def reference_outputs(model: nn.Module, dataset: Any) -> Reference:
+    """The in-process student on the first :data:`VAL_BATCH` validation samples and the whole set."""
+    from trainers.data import batches
+
+    predict = torch_predict(model)
+    _, x, _ = next(batches(dataset, VAL_BATCH))
+    preds, labels = _predictions(predict, dataset)
+    return Reference(x.float(), predict(x.float()), float((preds == labels).mean()), len(labels))
+
+
+def check_parity(predict: Predict, reference: Reference, dataset: Any, quantized: bool) -> Parity:
+    """``predict`` (a file's runtime) against the in-process reference, judged by :data:`TOLERANCE`."""
+    tolerance = TOLERANCE["int8" if quantized else "float"]
+    diff = float(np.abs(np.asarray(predict(reference.batch), dtype=np.float64) - reference.logits).max())
+    preds, labels = _predictions(predict, dataset)
+    acc = float((preds == labels).mean())
+    points = abs(acc - reference.val_acc) * 100.0
+    ok = points <= tolerance["acc_points"] + 1e-9 and (tolerance["max_abs_diff"] is None or diff <= tolerance["max_abs_diff"])
+    return Parity(diff, len(reference.batch), acc, reference.val_acc, points, len(labels), dict(tolerance), bool(ok))
+
+
+# --------------------------------------------------------------------------- writers
+
+
+@contextlib.contextmanager
+def quiet_exporters() -> Iterator[None]:
+    """No warnings or INFO chatter from the exporters (deprecations, "torchvision is not installed")."""
+    names = ("torch.onnx", "torch.export", "torch._export", "torch._dynamo", "torch.fx", "onnxscript", "onnx_ir",
+             "torch.jit", "onnxruntime")
+    saved = {n: logging.getLogger(n).level for n in names}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for n in names:
+            logging.getLogger(n).setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for n, level in saved.items():
+                logging.getLogger(n).setLevel(level)
+
+
+def _batch_dim() -> Any:
+    return torch.export.Dim("batch", min=1)
+
+
+class _DynamicInt8Linear(nn.Module):
+    """A dynamically quantized Linear in exportable ops, with its exact int8 weights.
+
+    ``quantized_decomposed.dequantize_per_*`` on an int8 buffer is what ``torch.onnx``
+    turns into ``DequantizeLinear``, so the ONNX file keeps the int8 weights and scales.
+    The activations are fake-quantized per batch as torch's int8 kernel does at run time
+    (per-tensor min/max over the batch, zero included, ``qmax`` 127 with fbgemm/x86's
+    reduced range, 255 otherwise), so the file reproduces the int8 student's logits to
+    about 1e-5 instead of the ~0.05 a float-activation copy is off by.
+    """
+
+    def __init__(self, qlinear: nn.Module, qmax: int) -> None:
+        super().__init__()
+        weight = qlinear.weight()
+        if weight.dtype != torch.qint8:
+            raise ValueError(f"a dynamic Linear with {weight.dtype} weights is not supported (only qint8)")
+        self.qmax = qmax
+        self.register_buffer("weight_int8", weight.int_repr())
+        self.per_channel = weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+        if self.per_channel:
+            self.register_buffer("scales", weight.q_per_channel_scales().float())
+            self.register_buffer("zero_points", weight.q_per_channel_zero_points())
+            self.axis = int(weight.q_per_channel_axis())
+        else:
+            self.scale, self.zero_point = float(weight.q_scale()), int(weight.q_zero_point())
+        bias = qlinear.bias()
+        self.register_buffer("bias", bias.detach().float().clone() if bias is not None else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low = torch.clamp(x.min(), max=0.0)
+        high = torch.clamp(x.max(), min=0.0)
+        scale = (high - low) / self.qmax
+        scale = torch.where(scale == 0, torch.full_like(scale, 0.1), scale)
+        zero_point = torch.clamp(torch.round(-low / scale), 0, self.qmax)
+        x = (torch.clamp(torch.round(x / scale) + zero_point, 0, self.qmax) - zero_point) * scale
+        ops = torch.ops.quantized_decomposed
+        if self.per_channel:
+            weight = ops.dequantize_per_channel(self.weight_int8, self.scales, self.zero_points, self.axis, -128, 127,
+                                                torch.int8)
+        else:
+            weight = ops.dequantize_per_tensor(self.weight_int8, self.scale, self.zero_point, -128, 127, torch.int8)
+        return nn.functional.linear(x, weight, self.bias)
+
+
+def dynamic_int8_copy(model: nn.Module, qmax: int) -> nn.Module:
+    """``model`` (a ``dynamic_int8`` student) with every dynamic int8 Linear as a
+    :class:`_DynamicInt8Linear`: traceable by ``torch.export``, int8 weights kept."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  registers the quantized_decomposed ops
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    work = copy.deepcopy(model)
+    for module in list(work.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, DynamicLinear):
+                setattr(module, name, _DynamicInt8Linear(child, qmax))
+    return work.eval()
+
+
+def dynamic_int8_exportable(model: nn.Module, batch: torch.Tensor) -> tuple[nn.Module, int]:
+    """The :func:`dynamic_int8_copy` closest to ``model`` on ``batch``, and its activation ``qmax``.
+
+    Whether the int8 kernel uses the reduced 7-bit activation range depends on the quantized
+    engine (fbgemm/x86 do, qnnpack does not): measuring both beats guessing.
+    """
+    with torch.inference_mode():
+        reference = model(batch)
+        candidates = []
+        for qmax in (127, 255):
+            copy_ = dynamic_int8_copy(model, qmax)
+            candidates.append((float((copy_(batch) - reference).abs().max()), qmax, copy_))
+    _, qmax, best = min(candidates, key=lambda c: (c[0], c[1]))
+    return best, qmax
+
+
+def write_onnx(model: nn.Module, batch: torch.Tensor, path: Path, quantizer: str) -> str:
+    """Write ``student.onnx`` (input ``input``, output ``logits``, dynamic batch); return what it holds.
+
+    ``batch``: validation inputs (at least 2, so no size is specialised to 1).
+    """
+    common = {"input_names": ["input"], "output_names": ["logits"], "verbose": False}
+    example = batch[:2]
+    with quiet_exporters():
+        if quantizer == "none":
+            torch.onnx.export(model, (example,), str(path), dynamo=True, external_data=False,
+                              dynamic_shapes=({0: _batch_dim()},), **common)
+            kind = "onnx (float, torch.onnx dynamo exporter)"
+        elif quantizer == "dynamic_int8":
+            exportable, qmax = dynamic_int8_exportable(model, batch)
+            torch.onnx.export(exportable, (example,), str(path), dynamo=True, external_data=False,
+                              dynamic_shapes=({0: _batch_dim()},), **common)
+            kind = (f"onnx (int8 weights via DequantizeLinear; activations fake-quantized per batch to 0..{qmax} "
+                    "as torch's dynamic int8 kernel does)")
+        else:
+            # FX-quantized modules only trace through TorchScript: the legacy exporter maps them to QDQ
+            with torch.no_grad():
+                torch.onnx.export(model, (example,), str(path), dynamo=False,
+                                  dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **common)
+            kind = "onnx (QDQ int8: QuantizeLinear/DequantizeLinear around Conv/Gemm, torch.onnx TorchScript exporter)"
+    _strip_debug_metadata(path)
+    import onnx
+
+    onnx.checker.check_model(str(path), full_check=True)
+    return kind
+
+
+def _strip_debug_metadata(path: Path) -> None:
+    """Drop the per-node debug strings the dynamo exporter records (FX node, module path):
+    for a small student they are most of the file."""
+    import onnx
+
+    model = onnx.load(str(path))
+    if any(len(node.metadata_props) for node in model.graph.node):
+        for node in model.graph.node:
+            del node.metadata_props[:]
+        onnx.save(model, str(path))
+
+
+def onnx_predict(path: Path) -> tuple[Predict, str]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def predict(x: torch.Tensor) -> np.ndarray:
+        return session.run(None, {name: x.numpy()})[0]
+
+    return predict, f"onnxruntime {ort.__version__} (CPUExecutionProvider)"
+
+
+def write_program(model: nn.Module, example: torch.Tensor, folder: Path, quantized: bool) -> tuple[Path, str]:
+    """``student.pt2`` (torch.export) for a float student, ``student.ts`` (TorchScript) for an int8 one."""
+    with quiet_exporters(), torch.no_grad():
+        if not quantized:
+            path = folder / "student.pt2"
+            program = torch.export.export(model, (example,), dynamic_shapes=({0: _batch_dim()},))
+            torch.export.save(program, str(path))
+            return path, "torch.export program (.pt2)"
+        path = folder / "student.ts"
+        traced = torch.jit.trace(model, example, check_trace=False)
+        torch.jit.save(traced, str(path))
+        return path, "TorchScript trace (.ts): int8 modules do not torch.export"
+
+
+def program_predict(path: Path) -> tuple[Predict, str]:
+    with quiet_exporters():
+        if path.suffix == ".pt2":
+            module = torch.export.load(str(path)).module()
+            runtime = f"torch {torch.__version__} torch.export.load"
+        else:
+            module = torch.jit.load(str(path), map_location="cpu").eval()
+            runtime = f"torch {torch.__version__} torch.jit.load"
+    return torch_predict(module), runtime
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- export
+
+
+def rebuild(space: Any, config: Mapping[str, Any], checkpoint: Path, data: Any, trial: str = "the trial") -> nn.Module:
+    """The trial's compressed student from its checkpoint, exactly as the search measured it."""
+    from search.latency import load_trial_student
+
+    try:
+        with quiet_exporters():
+            return load_trial_student(space, config, checkpoint, data.input_shape, data.num_classes)
+    except Exception as exc:  # a wrong or damaged artifact surfaces as many kinds
+        raise ExportError(f"{trial}: cannot rebuild the student from its student.pt ({_first_line(exc)}); "
+                          "fix: export a trial of a search made with this version of kdsearch") from None
+
+
+def export_student(space: Any, config: Mapping[str, Any], checkpoint: Path, folder: Path, formats: Sequence[str],
+                   data: Any, trial: str = "the trial") -> tuple[list[Exported], Reference, nn.Module]:
+    """Write ``formats`` of the student in ``checkpoint`` into ``folder`` and verify each file.
+
+    Returns the files, the in-process reference they were compared with, and the model.
+    Raises :class:`ExportError` when a file cannot be written or misses :data:`TOLERANCE`.
+    """
+    from trainers.quantize import quant_info
+
+    model = rebuild(space, config, checkpoint, data, trial)
+    info = quant_info(model)
+    quantizer = info.name if info is not None else "none"
+    quantized = info is not None
+    reference = reference_outputs(model, data.val)
+    batch = reference.batch if len(reference.batch) >= 2 else reference.batch.repeat(2, *[1] * (reference.batch.ndim - 1))
+    example = batch[:2]
+    folder.mkdir(parents=True, exist_ok=True)
+    out: list[Exported] = []
+    for fmt in formats:
+        try:
+            if fmt == "onnx":
+                path = folder / "student.onnx"
+                kind = write_onnx(model, batch, path, quantizer)
+                predict, runtime = onnx_predict(path)
+            elif fmt == "pt2":
+                path, kind = write_program(model, example, folder, quantized)
+                predict, runtime = program_predict(path)
+            else:
+                path = folder / "student.pt"
+                shutil.copyfile(checkpoint, path)
+                kind = "kdsearch student checkpoint (trainers.checkpoint.load_student, weights_only)"
+                predict, runtime = torch_predict(rebuild(space, config, path, data, trial)), "trainers.checkpoint.load_student"
+        except ExportError:
+            raise
+        except Exception as exc:
+            others = ",".join(f for f in FORMATS if f != fmt)
+            raise ExportError(f"{fmt}: cannot write {trial} ({quantizer} student): {_first_line(exc)}; "
+                              f"fix: pass --format {others}") from None
+        with quiet_exporters():
+            parity = check_parity(predict, reference, data.val, quantized)
+        if not parity.ok:
+            tol = parity.tolerance
+            bound = f"max abs diff {parity.max_abs_diff:.3g} (limit {tol['max_abs_diff']}), " if tol["max_abs_diff"] else ""
+            raise ExportError(f"{fmt}: {path.name} does not match the in-process student of {trial}: {bound}"
+                              f"val_acc {parity.val_acc:.4f} vs {parity.reference_val_acc:.4f} "
+                              f"({parity.acc_diff_points:.2f} points, limit {tol['acc_points']}); "
+                              f"fix: report it, and use --format {','.join(f for f in formats if f != fmt) or 'state_dict'} meanwhile")
+        out.append(Exported(fmt, path.name, kind, path.stat().st_size, _sha256(path), runtime, parity))
+    return out, reference, model
+
+
+def parse_formats(text: str) -> list[str]:
+    """``onnx,pt2`` -> ``["onnx", "pt2"]`` (known names, each once, in :data:`FORMATS` order)."""
+    names = [t.strip().lower() for t in (text or "").split(",") if t.strip()]
+    unknown = [n for n in names if n not in FORMATS]
+    if unknown or not names:
+        raise UserError(f"--format {text}: {'unknown ' + ', '.join(unknown) if unknown else 'empty'}; "
+                        f"fix: pass a comma list of {', '.join(FORMATS)}")
+    return [f for f in FORMATS if f in names]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    return (text.splitlines()[0][:200] if text else type(exc).__name__)
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "search"
+
+
+def _download(c: Any, run_id: str, artifact: str, folder: Path, what: str) -> Path:
+    from search.tracking import TrackingError
+
+    try:
+        return Path(c.download_artifacts(run_id, artifact, str(folder)))
+    except Exception:
+        raise TrackingError(f"run {run_id} has no {artifact} ({what}); fix: export from a search that finished") from None
+
+
+def load_logged_space(c: Any, parent_id: str, folder: Path) -> Any:
+    """The space the search ran, from its ``space.yaml`` artifact."""
+    import yaml
+
+    from spaces import parse_space
+
+    text = _download(c, parent_id, "space.yaml", folder, "the search's space").read_text()
+    return parse_space(yaml.safe_load(text), text=text)
+
+
+def _row_metrics(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k not in ("config", "architecture") and not isinstance(v, (dict, list))}
+
+
+def _place(staging: Path, dest: Path) -> None:
+    """Move a verified staging folder to ``dest``, replacing an earlier export (never anything else)."""
+    if dest.exists():
+        if not (dest / "model_card.json").is_file():
+            raise UserError(f"--out: {dest} exists and is not a kdsearch export; fix: pass another --out")
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging.rename(dest)
+
+
+def logged_model_uri(c: Any, experiment_id: str, run_id: str) -> Optional[str]:
+    """The MLflow model the search logged for this trial (``model`` in its run), if any."""
+    try:
+        models = c.search_logged_models(experiment_ids=[experiment_id],
+                                        filter_string=f"source_run_id = '{run_id}' AND name = 'model'")
+    except Exception:
+        return None
+    ready = [m for m in models if str(getattr(m.status, "name", m.status)).upper().endswith("READY")]
+    return f"models:/{ready[0].model_id}" if ready else None
+
+
+def log_student_model(run_id: str, model: nn.Module, example: torch.Tensor) -> str:
+    """Log the student as an MLflow model in its trial's run (as the search does for its front)."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from search.finalize import mlflow_flavour
+
+    with torch.no_grad():
+        output = model(example).numpy()
+    logged, serialization = mlflow_flavour(model, example)
+    requirements = [f"torch=={torch.__version__.split('+')[0]}"]
+    with mlflow.start_run(run_id=run_id), quiet_exporters():
+        info = mlflow.pytorch.log_model(logged, name="model", input_example=example.numpy(),
+                                        serialization_format=serialization,
+                                        signature=infer_signature(example.numpy(), output), pip_requirements=requirements)
+    return info.model_uri
+
+
+def register(c: Any, experiment_id: str, run_id: str, name: str, model: nn.Module, example: torch.Tensor) -> dict[str, str]:
+    """Register the trial's MLflow model as ``name``: the one the search logged, else a new one."""
+    import mlflow
+
+    uri = logged_model_uri(c, experiment_id, run_id) or log_student_model(run_id, model, example)
+    try:
+        with quiet_exporters():
+            version = mlflow.register_model(uri, name)
+    except Exception as exc:
+        raise ExportError(f"--register {name}: the model registry refused it ({_first_line(exc)}); "
+                          "fix: use a registry-capable store (sqlite:/// or a server) or another name") from None
+    return {"name": version.name, "version": str(version.version), "source": uri}
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version(), "torch": torch.__version__}
+    for module in ("onnx", "onnxruntime", "onnxscript", "mlflow"):
+        try:
+            found[module] = __import__(module).__version__
+        except Exception:
+            found[module] = "not installed"
+    return found
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Select, rebuild, write, verify, describe (``model_card.json``) and optionally register."""
+    from search.tracking import client, latest_search_run, read_artifact_json
+    from trainers.data import load_data
+
+    formats = parse_formats(args.format)
+    limits = Limits(args.max_latency_ms, args.max_params, args.max_size_bytes).validate()
+    echo = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+
+    c = client(args.tracking_uri)
+    parent = latest_search_run(c, args.experiment, args.run_id)
+    parent_id = parent.info.run_id
+    payload = read_artifact_json(c, parent_id, "pareto_front.json")
+    front = payload.get("front", [])
+    row = select(front, limits)
+    search_name = parent.info.run_name or parent_id
+    dest = Path(args.out) / _safe_name(search_name) / _safe_name(str(row.get("trial") or row["run_id"]))
+    trial = str(row.get("trial", row["run_id"]))
+    echo(f"search {search_name} ({parent_id}): {len(front)} front trials; {limits.describe()}")
+    echo(f"chosen {trial} (run {row['run_id']}): {_summary(row)}")
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp, \
+            tempfile.TemporaryDirectory(prefix=f".{dest.name}.", dir=dest.parent) as staging_dir:
+        space = load_logged_space(c, parent_id, Path(tmp))
+        checkpoint = _download(c, row["run_id"], "student/student.pt", Path(tmp), "the trial's student")
+        data = load_data(space.data)
+        staging = Path(staging_dir) / "export"
+        files, reference, model = export_student(space, row["config"], checkpoint, staging, formats, data, trial)
+        logged_acc = _number(row.get("val_acc"))
+        if logged_acc is not None and abs(logged_acc - reference.val_acc) * 100 > TOLERANCE["float"]["acc_points"]:
+            echo(f"warning: the rebuilt student scores val_acc {reference.val_acc:.4f}, the search logged {logged_acc:.4f}: "
+                 "has the data changed since the search?")
+        card = model_card(args, parent, payload, row, space, data, limits, files, reference, model)
+        (staging / "model_card.json").write_text(json.dumps(card, indent=2, default=str))
+        _place(staging, dest)
+        if args.register:
+            card["registered"] = register(c, parent.info.experiment_id, row["run_id"], args.register, model,
+                                          reference.batch[:1])
+            (dest / "model_card.json").write_text(json.dumps(card, indent=2, default=str))
+
+    for f in files:
+        p = f.parity
+        echo(f"  {f.file:<14} {f.bytes:>9,} B  max|diff| {p.max_abs_diff:.2g}  val_acc {p.val_acc:.4f} "
+             f"({(p.val_acc - p.reference_val_acc) * 100:+.2f} pt vs in-process {p.reference_val_acc:.4f})  ok  [{f.kind}]")
+    echo(f"  {'model_card.json':<14}")
+    if args.register:
+        echo(f"registered {card['registered']['name']} version {card['registered']['version']}")
+    print(dest)
+    return 0
+
+
+def _summary(row: Mapping[str, Any]) -> str:
+    parts = []
+    for key in ("val_acc", "latency_ms", "params", "size_bytes", "macs"):
+        value = _number(row.get(key))
+        if value is not None:
+            parts.append(f"{key} {value:,.0f}" if key in ("params", "size_bytes", "macs") else f"{key} {value:.4g}")
+    config = row.get("config", {})
+    parts.append(f"prune {config.get('compress.prune_ratio', 0)} quantize {config.get('compress.quantize', 'none')}")
+    return "  ".join(parts)
+
+
+def model_card(args: argparse.Namespace, parent: Any, payload: Mapping[str, Any], row: Mapping[str, Any], space: Any,
+               data: Any, limits: Limits, files: Sequence[Exported], reference: Reference, model: nn.Module) -> dict[str, Any]:
+    """What was exported, from where, by which rule, and how well each file matches."""
+    from trainers.quantize import quant_info
+
+    info = quant_info(model)
+    front = payload.get("front", [])
+    return {
+        "format": "kdsearch-model-card",
+        "version": 1,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "trial": row.get("trial"),
+        "trial_id": row.get("trial_id"),
+        "run_id": row.get("run_id"),
+        "search": {"run_id": parent.info.run_id, "run_name": parent.info.run_name,
+                   "experiment_id": parent.info.experiment_id, "tracking_uri": args.tracking_uri,
+                   "objectives": payload.get("objectives"), "hypervolume": payload.get("hypervolume")},
+        "architecture": row.get("architecture"),
+        "config": row.get("config"),
+        "metrics": _row_metrics(row),
+        "compression": {"prune_ratio": row.get("config", {}).get("compress.prune_ratio", 0.0),
+                        "quantize": info.name if info else "none", "backend": info.backend if info else None},
+        "teacher": space.teacher.model_dump(),
+        "data": {**space.data.model_dump(), "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+                 "val_samples": reference.samples, "fingerprint": getattr(data, "fingerprint", None)},
+        "io": {"input": {"name": "input", "dtype": "float32", "shape": ["batch", *data.input_shape]},
+               "output": {"name": "logits", "dtype": "float32", "shape": ["batch", data.num_classes]}},
+        "rule": {"select": "the most accurate complete front trial meeting every limit (ties: lower latency_ms, "
+                           "then fewer params)",
+                 "limits": limits.as_dict(), "front_size": len(front),
+                 "eligible": sum(1 for r in front if violation(r, limits) == 0.0)},
+        "reference": {"what": "the student rebuilt in-process from student.pt (trainers.checkpoint)",
+                      "val_acc": reference.val_acc, "val_acc_logged": row.get("val_acc")},
+        "files": [{**{k: v for k, v in asdict(f).items() if k != "parity"}, "parity": asdict(f.parity)} for f in files],
+        "versions": versions(),
+    }

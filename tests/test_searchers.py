@@ -1,0 +1,50 @@
+"""The searcher: constraints rejected before launch, early-stopped trials told to Optuna as pruned."""
+
+from __future__ import annotations
+
+import optuna
+import yaml
+from optuna.trial import TrialState
+
+from search.driver import ConstraintCheck, scheduler_objectives
+from search.recorder import is_final
+from search.searchers import KDSearch, make_sampler
+from spaces import DEFAULT_SPACE, parse_space
+from trainers.trial import expected_footprint
+
+
+def tight_space(max_params: int):
+    raw = yaml.safe_load(DEFAULT_SPACE.read_text())
+    raw["constraints"] = {"max_params": max_params}
+    return parse_space(raw)
+
+
+def test_configurations_over_the_limit_never_reach_a_worker():
+    space = tight_space(5000)
+    check = ConstraintCheck(space, (1, 8, 8), 10)
+    searcher = KDSearch(space, make_sampler("random", 0, 20), is_final, check)
+    for i in range(8):
+        config = searcher.suggest(f"t{i}")
+        footprint = expected_footprint(space, space.resolve(config), (1, 8, 8), 10)
+        assert footprint["params"] <= 5000
+    assert searcher.rejected, "the digits space has students above 5000 params"
+    assert all("max_params" in reason for _, reason in searcher.rejected)
+    failed = [t for t in searcher._ot_study.get_trials() if t.state == TrialState.FAIL]
+    assert len(failed) == len(searcher.rejected) and all("rejected" in t.user_attrs for t in failed)
+
+
+def test_early_stopped_trial_is_pruned_in_optuna_and_full_one_complete():
+    space = tight_space(60000)
+    searcher = KDSearch(space, make_sampler("nsga2", 0, 20), is_final)
+    searcher.suggest("stopped")
+    searcher.suggest("full")
+    searcher.on_trial_complete("stopped", {"val_acc": 0.5, "params": 100, "epoch": 2})
+    searcher.on_trial_complete("full", {"val_acc": 0.9, "params": 100, "latency_ms": 0.1, "size_bytes": 4000})
+    states = {t.number: t.state for t in searcher._ot_study.get_trials()}
+    assert states == {0: TrialState.PRUNED, 1: TrialState.COMPLETE}
+    assert [t.values for t in searcher._ot_study.best_trials] == [[0.9, 0.1, 100.0]]
+
+
+def test_pareto_asha_ranks_on_per_epoch_proxies():
+    space = tight_space(60000)
+    assert scheduler_objectives(space) == (["val_acc", "macs", "params"], ["max", "min", "min"])
