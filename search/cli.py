@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default="pareto-asha", help="pareto-asha (default) | asha | none")
     p.add_argument("--max-failures", type=int, default=0, help="retries of a trial whose worker died")
     p.add_argument("--epochs", type=int, help="override the space's distillation epochs")
+    p.add_argument("--budget-epochs", type=int, help="stop the search once all trials together trained this many epochs")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("pareto", help="print the front of the latest (or a given) search")

@@ -43,6 +43,8 @@ class SearchOptions:
     grace_period: int = 2
     reduction_factor: int = 3
     name: Optional[str] = None
+    budget_epochs: Optional[int] = None
+    log_models: bool = True
 
 
 @dataclass
@@ -122,6 +124,24 @@ def distil_trainable(config: dict[str, Any], *, space: Space, context: Any, meas
 
 
 # --------------------------------------------------------------------------- wiring
+
+
+class EpochBudget:
+    """A Tune stopper: end the search once the trials together have trained ``budget`` epochs.
+
+    Searches compared at equal compute stop here; trials running at that moment finish
+    their current epoch and end as pruned.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget, self.spent = budget, 0
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        self.spent += 1  # one result per epoch
+        return False
+
+    def stop_all(self) -> bool:
+        return self.spent >= self.budget
 
 
 def make_scheduler(name: str, space: Space, max_t: int, grace_period: int, reduction_factor: int):
@@ -264,6 +284,7 @@ def run_search(options: SearchOptions, echo: Callable[[str], None] = echo) -> Se
                                         max_concurrent_trials=options.max_concurrent, reuse_actors=False),
             run_config=tune.RunConfig(
                 name=name, storage_path=storage, verbose=0, callbacks=[recorder],
+                stop=EpochBudget(options.budget_epochs) if options.budget_epochs else None,
                 failure_config=tune.FailureConfig(max_failures=options.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             ),
@@ -271,7 +292,7 @@ def run_search(options: SearchOptions, echo: Callable[[str], None] = echo) -> Se
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tuner.fit()
-        result = finalize.finish(space, context, recorder, mlflow_client, parent_id, echo)
+        result = finalize.finish(space, context, recorder, mlflow_client, parent_id, echo, options.log_models)
     finally:
         ray.shutdown()
     mlflow_client.set_terminated(parent_id, "FINISHED")

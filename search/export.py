@@ -571,7 +571,9 @@ def load_logged_space(c: Any, parent_id: str, folder: Path) -> Any:
 
 
 def _row_metrics(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in row.items() if k not in ("config", "architecture") and not isinstance(v, (dict, list))}
+    """The front row's figures (objectives, size, MACs, timings), without ids and config."""
+    skip = {"config", "architecture", "trial", "trial_id", "run_id", "status"}
+    return {k: v for k, v in row.items() if k not in skip and not isinstance(v, (dict, list))}
 
 
 def _place(staging: Path, dest: Path) -> None:
@@ -721,7 +723,10 @@ def model_card(args: argparse.Namespace, parent: Any, payload: Mapping[str, Any]
         "config": row.get("config"),
         "metrics": _row_metrics(row),
         "compression": {"prune_ratio": row.get("config", {}).get("compress.prune_ratio", 0.0),
-                        "quantize": info.name if info else "none", "backend": info.backend if info else None},
+                        "quantize": info.name if info else "none", "backend": info.backend if info else None,
+                        **({"note": "activations are quantized per batch (one scale for the whole batch), in torch "
+                                    "and in student.onnx alike: a sample's logits depend slightly on its batch"}
+                           if info and info.name == "dynamic_int8" else {})},
         "teacher": space.teacher.model_dump(),
         "data": {**space.data.model_dump(), "input_shape": list(data.input_shape), "num_classes": data.num_classes,
                  "val_samples": reference.samples, "fingerprint": getattr(data, "fingerprint", None)},

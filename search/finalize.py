@@ -74,7 +74,7 @@ def mlflow_flavour(model: torch.nn.Module, example: torch.Tensor) -> tuple[torch
 
 
 def finish(space: Space, context: Any, recorder: SearchRecorder, mlflow_client, parent_id: str,
-           echo: Callable[[str], None]) -> dict[str, Any]:
+           echo: Callable[[str], None], log_models: bool = True) -> dict[str, Any]:
     """Final front, hypervolume and artifacts (pareto_front.json, pareto.html, pareto.png, trials.csv)."""
     remeasure_latency(space, context, recorder, mlflow_client, echo)
     rows = recorder.complete_rows()
@@ -100,7 +100,7 @@ def finish(space: Space, context: Any, recorder: SearchRecorder, mlflow_client, 
                      *([write_plot_html(rows, front_ids, objectives, folder / "pareto.html"),
                         write_plot_png(rows, front_ids, objectives, folder / "pareto.png")] if rows else [])):
             mlflow_client.log_artifact(parent_id, str(path))
-    if front:
+    if front and log_models:
         echo(f"logging {len(front)} front students as MLflow models...")
         log_front_models(space, context, recorder, front)
     echo("")
