@@ -102,6 +102,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    from search.driver import resume_search
+
+    resume_search(args.path)
+    return 0
+
+
 def cmd_pareto(args: argparse.Namespace) -> int:
     from search.report import front_table
     from search.tracking import client, latest_search_run, read_artifact_json
@@ -149,10 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--searcher", choices=("nsga2", "tpe", "random"), default="nsga2")
     p.add_argument("--scheduler", default="pareto-asha", help="pareto-asha (default) | asha | none")
-    p.add_argument("--max-failures", type=int, default=0, help="retries of a trial whose worker died")
+    p.add_argument("--max-failures", type=int, default=3, help="retries of a trial whose worker died")
     p.add_argument("--epochs", type=int, help="override the space's distillation epochs")
     p.add_argument("--budget-epochs", type=int, help="stop the search once all trials together trained this many epochs")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("resume", help="finish a search whose driver was killed (same MLflow parent run)")
+    p.add_argument("path", help="the tune folder `kdsearch run` printed (storage/name)")
+    p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("pareto", help="print the front of the latest (or a given) search")
     _tracking_args(p)

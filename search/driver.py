@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -38,7 +39,7 @@ class SearchOptions:
     seed: int = 0
     searcher: str = "nsga2"
     scheduler: str = "pareto-asha"
-    max_failures: int = 0
+    max_failures: int = 3
     epochs: Optional[int] = None
     grace_period: int = 2
     reduction_factor: int = 3
@@ -93,7 +94,7 @@ def distil_trainable(config: dict[str, Any], *, space: Space, context: Any, meas
     from ray import tune
 
     from search.latency import remote_latency_fn
-    from trainers.trial import run_trial
+    from trainers.trial import TrialDiverged, run_trial
 
     warnings.filterwarnings("ignore")
     resources = tune.get_context().get_trial_resources().required_resources
@@ -118,9 +119,13 @@ def distil_trainable(config: dict[str, Any], *, space: Space, context: Any, meas
             else:
                 tune.report(metrics)
 
-        run_trial(space, dict(config), report, context=ray.get(context) if isinstance(context, ray.ObjectRef) else context,
-                  seed=seed, epochs=epochs, device=device, artifact_dir=artifact_dir,
-                  latency_fn=remote_latency_fn(measurer, config), checkpoint_state=True, resume=resume)
+        try:
+            run_trial(space, dict(config), report, context=ray.get(context) if isinstance(context, ray.ObjectRef) else context,
+                      seed=seed, epochs=epochs, device=device, artifact_dir=artifact_dir,
+                      latency_fn=remote_latency_fn(measurer, config), checkpoint_state=True, resume=resume)
+        except TrialDiverged as exc:
+            # deterministic: reported, not raised, so Tune does not retry it as if a node had died
+            tune.report({"diverged": 1, "error": str(exc)})
 
 
 # --------------------------------------------------------------------------- wiring
@@ -225,18 +230,13 @@ def start_ray(address: Optional[str]) -> None:
         ray.init(num_cpus=os.cpu_count(), resources={LATENCY_RESOURCE: 1}, include_dashboard=False, **common)
 
 
+#: written into the Tune experiment folder so ``kdsearch resume`` finds the MLflow parent run again
+RESUME_FILE = "kdsearch.json"
+
+
 def run_search(options: SearchOptions, echo: Callable[[str], None] = echo) -> SearchResult:
     """Run a whole search and log it; returns the front and where it was logged."""
-    import ray
-    from ray import tune
-
-    from search import finalize
-    from search.latency import start_measurer
-    from search.pareto import reference_point
-    from search.recorder import SearchRecorder, is_final
-    from search.searchers import KDSearch, make_sampler
-    from search.tracking import ROLE_TAG, client, experiment_id, log_json, ui_link
-    from trainers.trial import prepare
+    from search.tracking import ROLE_TAG, client, experiment_id
 
     space = load_space(options.space)
     if options.scheduler not in SCHEDULERS:
@@ -246,19 +246,63 @@ def run_search(options: SearchOptions, echo: Callable[[str], None] = echo) -> Se
     mlflow_client = client(options.tracking_uri)
     exp_id = experiment_id(mlflow_client, options.experiment, create=True)
     name = options.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = str(Path(options.storage or "ray_results").resolve()) if "://" not in (options.storage or "") else options.storage
-    parent = mlflow_client.create_run(exp_id, run_name=name, tags={ROLE_TAG: "search", "kdsearch.tune_path": f"{storage}/{name}"})
+    storage = options.storage or "ray_results"
+    storage = storage if "://" in storage else str(Path(storage).resolve())
+    path = f"{storage}/{name}"
+    parent = mlflow_client.create_run(exp_id, run_name=name, tags={ROLE_TAG: "search", "kdsearch.tune_path": path})
     parent_id = parent.info.run_id
-    params = {k: v for k, v in asdict(options).items() if v is not None}
     from mlflow.entities import Param
 
+    params = {k: v for k, v in asdict(options).items() if v is not None}
     mlflow_client.log_batch(parent_id, params=[Param(k, str(v)) for k, v in params.items()])
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "space.yaml").write_text(space.text)
         mlflow_client.log_artifact(parent_id, str(Path(tmp) / "space.yaml"))
-
+    if "://" not in path:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / RESUME_FILE).write_text(json.dumps(
+            {"options": {**asdict(options), "name": name, "storage": storage}, "parent_run_id": parent_id,
+             "experiment_id": exp_id, "space_text": space.text, "space_source": str(space.source)}, indent=2))
     echo(f"search {name}: {options.num_samples} trials, searcher {options.searcher}, scheduler {options.scheduler}, "
          f"{options.max_concurrent} at a time")
+    echo(f"tune folder {path} (resume with: kdsearch resume {path})")
+    return _drive(space, options, mlflow_client, exp_id, parent_id, path, echo, restore=False)
+
+
+def resume_search(path: str, echo: Callable[[str], None] = echo) -> SearchResult:
+    """Finish a search whose driver died: same Tune experiment, same MLflow parent run."""
+    import yaml
+
+    from search.cli import UserError
+    from search.tracking import client
+    from spaces import parse_space
+
+    path = path if "://" in path else str(Path(path).resolve())
+    meta_file = Path(path) / RESUME_FILE
+    if not meta_file.is_file():
+        raise UserError(f"{path}: no {RESUME_FILE} there; fix: pass the tune folder `kdsearch run` printed")
+    meta = json.loads(meta_file.read_text())
+    options = SearchOptions(**meta["options"])
+    source = Path(meta["space_source"]) if meta.get("space_source") not in (None, "None") else None
+    space = parse_space(yaml.safe_load(meta["space_text"]), source, meta["space_text"])
+    mlflow_client = client(options.tracking_uri)
+    echo(f"resuming search {options.name} from {path}")
+    return _drive(space, options, mlflow_client, meta["experiment_id"], meta["parent_run_id"], str(path), echo, restore=True)
+
+
+def _drive(space: Space, options: SearchOptions, mlflow_client, exp_id: str, parent_id: str, path: str,
+           echo: Callable[[str], None], restore: bool) -> SearchResult:
+    import ray
+    from ray import tune
+
+    from search import finalize
+    from search.latency import start_measurer
+    from search.pareto import reference_point
+    from search.recorder import SearchRecorder, is_final
+    from search.searchers import KDSearch, make_sampler
+    from search.tracking import ui_link
+    from trainers.trial import prepare
+
     echo("preparing data and teacher (once for all trials)...")
     context = prepare(space)
     echo(f"teacher {context.targets.description}: val_acc {context.targets.val_acc:.4f}")
@@ -268,35 +312,43 @@ def run_search(options: SearchOptions, echo: Callable[[str], None] = echo) -> Se
         max_t = max_epochs(space, options.epochs)
         reference = reference_point(space.objectives, space.reference_point, space.constraints, context.targets.footprint)
         recorder = SearchRecorder(mlflow_client, exp_id, parent_id, space.objectives, reference, options.num_samples, echo)
-        searcher = KDSearch(space, make_sampler(options.searcher, options.seed, options.num_samples), is_final,
-                            ConstraintCheck(space, context.data.input_shape, context.data.num_classes))
-        recorder.rejected = lambda: len(searcher.rejected)
-        scheduler = make_scheduler(options.scheduler, space, max_t, options.grace_period, options.reduction_factor)
         measurer = start_measurer(space, context.data.input_shape, context.data.num_classes)
         trainable = tune.with_resources(
             tune.with_parameters(distil_trainable, space=space, context=ray.put(context), measurer=measurer,
                                  seed=options.seed, epochs=options.epochs),
             {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial},
         )
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=options.num_samples,
-                                        max_concurrent_trials=options.max_concurrent, reuse_actors=False),
-            run_config=tune.RunConfig(
-                name=name, storage_path=storage, verbose=0, callbacks=[recorder],
-                stop=EpochBudget(options.budget_epochs) if options.budget_epochs else None,
-                failure_config=tune.FailureConfig(max_failures=options.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            ),
-        )
+        if restore:
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+            tuner._local_tuner.get_run_config().callbacks = [recorder]  # the pickled recorder is stale
+        else:
+            searcher = KDSearch(space, make_sampler(options.searcher, options.seed, options.num_samples), is_final,
+                                ConstraintCheck(space, context.data.input_shape, context.data.num_classes))
+            recorder.rejected = lambda: len(searcher.rejected)
+            scheduler = make_scheduler(options.scheduler, space, max_t, options.grace_period, options.reduction_factor)
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=options.num_samples,
+                                            max_concurrent_trials=options.max_concurrent, reuse_actors=False),
+                run_config=tune.RunConfig(
+                    name=Path(path).name, storage_path=str(Path(path).parent) if "://" not in path else path.rsplit("/", 1)[0],
+                    verbose=0, callbacks=[recorder],
+                    stop=EpochBudget(options.budget_epochs) if options.budget_epochs else None,
+                    failure_config=tune.FailureConfig(max_failures=options.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                ),
+            )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tuner.fit()
+            results = tuner.fit()
+        recorder.adopt(results)  # trials that ended before a resume
         result = finalize.finish(space, context, recorder, mlflow_client, parent_id, echo, options.log_models)
     finally:
         ray.shutdown()
+        if "recorder" in locals():
+            shutil.rmtree(recorder.students_dir, ignore_errors=True)
     mlflow_client.set_terminated(parent_id, "FINISHED")
     echo(f"MLflow: {options.tracking_uri}, experiment {options.experiment!r}, run {parent_id}")
     echo(f"open it: kdsearch ui --tracking-uri {options.tracking_uri}  then  {ui_link('http://127.0.0.1:5000', exp_id)}")
     return SearchResult(exp_id, parent_id, result["front"], result["rows"], result["hypervolume"], result["reference"],
-                        f"{storage}/{name}", recorder.counts())
+                        path, recorder.counts())

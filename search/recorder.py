@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -33,6 +35,7 @@ class SearchRecorder(tune.Callback):
         self.names: dict[str, str] = {}  # trial_id -> trial-001, in order of first sight
         self.running: set[str] = set()
         self.checkpoints: dict[str, Path] = {}
+        self.students_dir = tempfile.mkdtemp(prefix="kdsearch-students-")
         self.hypervolume = 0.0
         self.started = time.monotonic()
         self.rejected: Callable[[], int] = lambda: 0  # configurations refused before launch (constraints)
@@ -47,24 +50,23 @@ class SearchRecorder(tune.Callback):
     def name(self, trial_id: str) -> str:
         return self.names.setdefault(trial_id, f"trial-{len(self.names) + 1:03d}")
 
-    def _run_for(self, trial) -> str:
-        if trial.trial_id not in self.run_ids:
-            run = self.client.create_run(self.experiment_id, run_name=self.name(trial.trial_id), tags={
-                PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial.trial_id, STATUS_TAG: "running"})
-            self.run_ids[trial.trial_id] = run.info.run_id
-            params = {k: str(v)[:500] for k, v in trial.config.items()}
-            self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
-        return self.run_ids[trial.trial_id]
+    def _run_for(self, trial_id: str, config: dict[str, Any]) -> str:
+        if trial_id not in self.run_ids:
+            run = self.client.create_run(self.experiment_id, run_name=self.name(trial_id), tags={
+                PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial_id, STATUS_TAG: "running"})
+            self.run_ids[trial_id] = run.info.run_id
+            self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:500]) for k, v in config.items()])
+        return self.run_ids[trial_id]
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
-        self._run_for(trial)
+        self._run_for(trial.trial_id, trial.config)
         self.running.add(trial.trial_id)
 
     def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
         self.running.discard(trial.trial_id)
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
-        run_id = self._run_for(trial)
+        run_id = self._run_for(trial.trial_id, trial.config)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in flat_metrics(result).items()
@@ -74,37 +76,53 @@ class SearchRecorder(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         result = trial.last_result or {}
-        status = COMPLETE if is_final(result) else PRUNED
-        self._finish(trial, status, result)
+        status = FAILED if result.get("diverged") else COMPLETE if is_final(result) else PRUNED
+        self._finish(trial.trial_id, trial.config, trial.checkpoint, status, result, error=str(result.get("error", "")))
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self._finish(trial, FAILED, trial.last_result or {}, error=str(getattr(trial, "error_file", "") or ""))
+        self._finish(trial.trial_id, trial.config, None, FAILED, trial.last_result or {},
+                     error=str(getattr(trial, "error_file", "") or ""))
+
+    def adopt(self, results) -> None:
+        """Record trials from a Tune ResultGrid that ended before this recorder saw them (a resume)."""
+        for result in results:
+            trial_id = (result.metrics or {}).get("trial_id")
+            if not trial_id or trial_id in self.rows:
+                continue
+            status = FAILED if result.error or (result.metrics or {}).get("diverged") else COMPLETE if is_final(result.metrics) else PRUNED
+            self._finish(trial_id, result.config, result.checkpoint, status, result.metrics or {},
+                         error=str(result.error or ""), quiet=True)
 
     # ---- outcomes -----------------------------------------------------------------
 
-    def _finish(self, trial, status: str, result: dict, error: str = "") -> None:
-        run_id = self._run_for(trial)
-        self.running.discard(trial.trial_id)
-        row = {"trial": self.name(trial.trial_id), "trial_id": trial.trial_id, "run_id": run_id, "status": status,
+    def _finish(self, trial_id: str, config: dict[str, Any], checkpoint, status: str, result: dict,
+                error: str = "", quiet: bool = False) -> None:
+        run_id = self._run_for(trial_id, config)
+        self.running.discard(trial_id)
+        row = {"trial": self.name(trial_id), "trial_id": trial_id, "run_id": run_id, "status": status,
                **{k: v for k, v in result.items() if k in self.objectives or k in KEEP},
-               "config": dict(trial.config)}
-        self.rows[trial.trial_id] = row
+               "config": dict(config)}
+        self.rows[trial_id] = row
         self.client.set_tag(run_id, STATUS_TAG, status)
-        if status == COMPLETE and trial.checkpoint is not None:
-            self._keep_artifact(trial, run_id)
+        if status == COMPLETE and checkpoint is not None:
+            self._keep_artifact(trial_id, checkpoint, run_id)
         if error:
-            self.client.set_tag(run_id, "kdsearch.error_file", error[:500])
+            self.client.set_tag(run_id, "kdsearch.error", error[:500])
         self.client.set_terminated(run_id, "FAILED" if status == FAILED else "FINISHED")
         if status == COMPLETE:
             self._update_front()
-        self._progress()
+        if not quiet:
+            self._progress()
 
-    def _keep_artifact(self, trial, run_id: str) -> None:
-        with trial.checkpoint.as_directory() as folder:
+    def _keep_artifact(self, trial_id: str, checkpoint, run_id: str) -> None:
+        with checkpoint.as_directory() as folder:
             student = Path(folder) / "student.pt"
             if student.is_file():
                 self.client.log_artifact(run_id, str(student), "student")
-                self.checkpoints[trial.trial_id] = Path(trial.checkpoint.path) / "student.pt"
+                keep = Path(self.students_dir) / trial_id / "student.pt"  # local even when storage is remote
+                keep.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(student, keep)
+                self.checkpoints[trial_id] = keep
 
     def complete_rows(self) -> list[dict[str, Any]]:
         return [r for r in self.rows.values() if r["status"] == COMPLETE]

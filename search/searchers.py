@@ -65,7 +65,9 @@ class KDSearch(OptunaSearch):
                            "fix: relax constraints or narrow the space")
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
-        if result is not None and not error and not self._is_final(result):
+        if result is not None and result.get("diverged"):
+            result, error = None, True  # told to Optuna as FAIL
+        elif result is not None and not error and not self._is_final(result):
             result = None  # early-stopped: the stock searcher then tells Optuna PRUNED
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
