@@ -9,13 +9,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import Param
 from ray import tune
 
 from search.pareto import hypervolume, pareto_front
-from search.tracking import PARENT_TAG, STATUS_TAG, TRIAL_TAG, flat_metrics, trial_runs
+from search.tracking import PARENT_TAG, STATUS_TAG, TRIAL_TAG, log_metrics, trial_runs
 
 COMPLETE, PRUNED, FAILED = "complete", "pruned", "failed"
+#: Tune's own result keys, not worth a metric history each
+TUNE_BOOKKEEPING = ("time_this_iter_s", "time_total_s", "timestamp", "pid", "training_iteration", "iterations_since_restore")
 
 
 def is_final(result: Optional[dict]) -> bool:
@@ -68,11 +70,8 @@ class SearchRecorder(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         run_id = self._run_for(trial.trial_id, trial.config)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, step) for k, v in flat_metrics(result).items()
-                   if k not in ("time_this_iter_s", "time_total_s", "timestamp", "pid", "training_iteration")
-                   and not k.startswith("time_since")]
-        self.client.log_batch(run_id, metrics=metrics)
+        log_metrics(self.client, run_id, {k: v for k, v in result.items()
+                                          if k not in TUNE_BOOKKEEPING and not k.startswith("time_since")}, step)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         result = trial.last_result or {}
