@@ -6,6 +6,7 @@ mode, warm-up, then the median and inter-quartile range of at least 30 timed run
 
 from __future__ import annotations
 
+import copy
 import platform
 import statistics
 import time
@@ -79,7 +80,9 @@ def measure_latency(model: nn.Module, example: torch.Tensor, runs: int = 50, war
     """Batch-1 latency of ``model`` on the CPU with the protocol above."""
     if runs < 30:
         raise ValueError("latency needs at least 30 timed runs to be comparable")
-    model = model.eval().cpu()
+    # a fresh copy: quantized kernels keep the shape and threads of their first call (often a
+    # batch-512 accuracy pass) and take a slow path for anything else, batch 1 included
+    model = copy.deepcopy(model).eval().cpu()
     x = example[:1].cpu()
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -8,6 +8,7 @@ driver builds once and shares across trials.
 
 from __future__ import annotations
 
+import copy
 import logging
 import tempfile
 import time
@@ -125,8 +126,9 @@ class _Distiller:
                            self.optimizer, self.scheduler, self.step_loss, epoch, self.device)
 
     def state(self, epoch: int) -> dict[str, Any]:
-        return {"epoch": epoch, "student": self.student.state_dict(), "loss": self.loss.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        """A snapshot (copied: the live tensors keep training after it is reported)."""
+        return copy.deepcopy({"epoch": epoch, "student": self.student.state_dict(), "loss": self.loss.state_dict(),
+                              "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()})
 
     def load(self, state: dict[str, Any]) -> int:
         self.student.load_state_dict(state["student"])
