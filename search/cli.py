@@ -9,7 +9,7 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from spaces import PinnedSuggester, RandomSuggester, Space, SpaceError, load_space
 
@@ -224,4 +224,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m search.cli` loads this file as __main__: run the one imported as search.cli,
+    # so its UserError is the class the other modules raise
+    from search.cli import main as _main
+
+    sys.exit(_main())

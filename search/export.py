@@ -44,8 +44,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import hashlib
+import io
 import json
 import logging
 import math
@@ -65,6 +65,7 @@ import torch
 from torch import nn
 
 from search.cli import UserError
+from trainers.quantize import dynamic_int8_copy
 
 __all__ = [
     "FORMATS", "ExportError", "Exported", "Limits", "NoTrialFits", "Parity", "cmd_export", "export_student",
@@ -99,8 +100,11 @@ class Limits:
     max_size_bytes: Optional[int] = None
 
     #: field -> (flag, metric of a front row)
-    FIELDS: ClassVar[dict[str, tuple[str, str]]] = {"max_latency_ms": ("--max-latency-ms", "latency_ms"), "max_params": ("--max-params", "params"),
-              "max_size_bytes": ("--max-size-bytes", "size_bytes")}
+    FIELDS: ClassVar[dict[str, tuple[str, str]]] = {
+        "max_latency_ms": ("--max-latency-ms", "latency_ms"),
+        "max_params": ("--max-params", "params"),
+        "max_size_bytes": ("--max-size-bytes", "size_bytes"),
+    }
 
     def checks(self) -> list[tuple[str, str, float]]:
         """``(flag, metric, bound)`` for every limit that is set."""
@@ -274,7 +278,8 @@ def check_parity(predict: Predict, reference: Reference, dataset: Any, quantized
     preds, labels = _predictions(predict, dataset)
     acc = float((preds == labels).mean())
     points = abs(acc - reference.val_acc) * 100.0
-    ok = points <= tolerance["acc_points"] + 1e-9 and (tolerance["max_abs_diff"] is None or diff <= tolerance["max_abs_diff"])
+    bound = tolerance["max_abs_diff"]
+    ok = points <= tolerance["acc_points"] + 1e-9 and (bound is None or diff <= bound)
     return Parity(diff, len(reference.batch), acc, reference.val_acc, points, len(labels), dict(tolerance), bool(ok))
 
 
@@ -300,64 +305,6 @@ def quiet_exporters() -> Iterator[None]:
 
 def _batch_dim() -> Any:
     return torch.export.Dim("batch", min=1)
-
-
-class _DynamicInt8Linear(nn.Module):
-    """A dynamically quantized Linear in exportable ops, with its exact int8 weights.
-
-    ``quantized_decomposed.dequantize_per_*`` on an int8 buffer is what ``torch.onnx``
-    turns into ``DequantizeLinear``, so the ONNX file keeps the int8 weights and scales.
-    The activations are fake-quantized per batch as torch's int8 kernel does at run time
-    (per-tensor min/max over the batch, zero included, ``qmax`` 127 with fbgemm/x86's
-    reduced range, 255 otherwise), so the file reproduces the int8 student's logits to
-    about 1e-5 instead of the ~0.05 a float-activation copy is off by.
-    """
-
-    def __init__(self, qlinear: nn.Module, qmax: int) -> None:
-        super().__init__()
-        weight = qlinear.weight()
-        if weight.dtype != torch.qint8:
-            raise ValueError(f"a dynamic Linear with {weight.dtype} weights is not supported (only qint8)")
-        self.qmax = qmax
-        self.register_buffer("weight_int8", weight.int_repr())
-        self.per_channel = weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
-        if self.per_channel:
-            self.register_buffer("scales", weight.q_per_channel_scales().float())
-            self.register_buffer("zero_points", weight.q_per_channel_zero_points())
-            self.axis = int(weight.q_per_channel_axis())
-        else:
-            self.scale, self.zero_point = float(weight.q_scale()), int(weight.q_zero_point())
-        bias = qlinear.bias()
-        self.register_buffer("bias", bias.detach().float().clone() if bias is not None else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        low = torch.clamp(x.min(), max=0.0)
-        high = torch.clamp(x.max(), min=0.0)
-        scale = (high - low) / self.qmax
-        scale = torch.where(scale == 0, torch.full_like(scale, 0.1), scale)
-        zero_point = torch.clamp(torch.round(-low / scale), 0, self.qmax)
-        x = (torch.clamp(torch.round(x / scale) + zero_point, 0, self.qmax) - zero_point) * scale
-        ops = torch.ops.quantized_decomposed
-        if self.per_channel:
-            weight = ops.dequantize_per_channel(self.weight_int8, self.scales, self.zero_points, self.axis, -128, 127,
-                                                torch.int8)
-        else:
-            weight = ops.dequantize_per_tensor(self.weight_int8, self.scale, self.zero_point, -128, 127, torch.int8)
-        return nn.functional.linear(x, weight, self.bias)
-
-
-def dynamic_int8_copy(model: nn.Module, qmax: int) -> nn.Module:
-    """``model`` (a ``dynamic_int8`` student) with every dynamic int8 Linear as a
-    :class:`_DynamicInt8Linear`: traceable by ``torch.export``, int8 weights kept."""
-    import torch.ao.quantization.fx._decomposed  # noqa: F401  registers the quantized_decomposed ops
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
-    work = copy.deepcopy(model)
-    for module in list(work.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, DynamicLinear):
-                setattr(module, name, _DynamicInt8Linear(child, qmax))
-    return work.eval()
 
 
 def dynamic_int8_exportable(model: nn.Module, batch: torch.Tensor) -> tuple[nn.Module, int]:
@@ -512,7 +459,8 @@ def export_student(space: Any, config: Mapping[str, Any], checkpoint: Path, fold
                 path = folder / "student.pt"
                 shutil.copyfile(checkpoint, path)
                 kind = "kdsearch student checkpoint (trainers.checkpoint.load_student, weights_only)"
-                predict, runtime = torch_predict(rebuild(space, config, path, data, trial)), "trainers.checkpoint.load_student"
+                predict = torch_predict(rebuild(space, config, path, data, trial))
+                runtime = "trainers.checkpoint.load_student"
         except ExportError:
             raise
         except Exception as exc:
@@ -527,7 +475,7 @@ def export_student(space: Any, config: Mapping[str, Any], checkpoint: Path, fold
             raise ExportError(f"{fmt}: {path.name} does not match the in-process student of {trial}: {bound}"
                               f"val_acc {parity.val_acc:.4f} vs {parity.reference_val_acc:.4f} "
                               f"({parity.acc_diff_points:.2f} points, limit {tol['acc_points']}); "
-                              f"fix: report it, and use --format {','.join(f for f in formats if f != fmt) or 'state_dict'} meanwhile")
+                              f"fix: report it; meanwhile pass --format {','.join(f for f in FORMATS if f != fmt)}")
         out.append(Exported(fmt, path.name, kind, path.stat().st_size, _sha256(path), runtime, parity))
     return out, reference, model
 
@@ -621,7 +569,7 @@ def register(c: Any, experiment_id: str, run_id: str, name: str, model: nn.Modul
 
     uri = logged_model_uri(c, experiment_id, run_id) or log_student_model(run_id, model, example)
     try:
-        with quiet_exporters():
+        with quiet_exporters(), contextlib.redirect_stderr(io.StringIO()):  # MLflow eprints "Successfully registered"
             version = mlflow.register_model(uri, name)
     except Exception as exc:
         raise ExportError(f"--register {name}: the model registry refused it ({_first_line(exc)}); "
@@ -642,13 +590,13 @@ def versions() -> dict[str, str]:
 def cmd_export(args: argparse.Namespace) -> int:
     """Select, rebuild, write, verify, describe (``model_card.json``) and optionally register."""
     from search.tracking import client, latest_search_run, read_artifact_json
-    from trainers.data import load_data
+    from search.ui import require_store
 
     formats = parse_formats(args.format)
     limits = Limits(args.max_latency_ms, args.max_params, args.max_size_bytes).validate()
     echo = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
-    c = client(args.tracking_uri)
+    c = client(require_store(args.tracking_uri))
     parent = latest_search_run(c, args.experiment, args.run_id)
     parent_id = parent.info.run_id
     payload = read_artifact_json(c, parent_id, "pareto_front.json")
@@ -660,7 +608,34 @@ def cmd_export(args: argparse.Namespace) -> int:
     echo(f"search {search_name} ({parent_id}): {len(front)} front trials; {limits.describe()}")
     echo(f"chosen {trial} (run {row['run_id']}): {_summary(row)}")
 
+    created = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]
     dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        files, card = _export_into(args, c, parent, payload, row, limits, formats, dest, trial, echo)
+    except BaseException:
+        for folder in created:  # the folders this export made, if the failure left them empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+    for f in files:
+        p = f.parity
+        echo(f"  {f.file:<14} {f.bytes:>9,} B  max|diff| {p.max_abs_diff:.2g}  val_acc {p.val_acc:.4f} "
+             f"({(p.val_acc - p.reference_val_acc) * 100:+.2f} pt vs in-process {p.reference_val_acc:.4f})  ok  [{f.kind}]")
+    echo(f"  {'model_card.json':<14}")
+    if args.register:
+        echo(f"registered {card['registered']['name']} version {card['registered']['version']}")
+    print(dest)
+    return 0
+
+
+def _export_into(args: argparse.Namespace, c: Any, parent: Any, payload: Mapping[str, Any], row: Mapping[str, Any],
+                 limits: Limits, formats: Sequence[str], dest: Path, trial: str,
+                 echo: Callable[[str], None]) -> tuple[list[Exported], dict[str, Any]]:
+    """Rebuild, write and verify in a staging folder, move it to ``dest``, then register."""
+    from trainers.data import load_data
+
+    parent_id = parent.info.run_id
     with tempfile.TemporaryDirectory() as tmp, \
             tempfile.TemporaryDirectory(prefix=f".{dest.name}.", dir=dest.parent) as staging_dir:
         space = load_logged_space(c, parent_id, Path(tmp))
@@ -679,16 +654,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             card["registered"] = register(c, parent.info.experiment_id, row["run_id"], args.register, model,
                                           reference.batch[:1])
             (dest / "model_card.json").write_text(json.dumps(card, indent=2, default=str))
-
-    for f in files:
-        p = f.parity
-        echo(f"  {f.file:<14} {f.bytes:>9,} B  max|diff| {p.max_abs_diff:.2g}  val_acc {p.val_acc:.4f} "
-             f"({(p.val_acc - p.reference_val_acc) * 100:+.2f} pt vs in-process {p.reference_val_acc:.4f})  ok  [{f.kind}]")
-    echo(f"  {'model_card.json':<14}")
-    if args.register:
-        echo(f"registered {card['registered']['name']} version {card['registered']['version']}")
-    print(dest)
-    return 0
+    return files, card
 
 
 def _summary(row: Mapping[str, Any]) -> str:
@@ -703,7 +669,8 @@ def _summary(row: Mapping[str, Any]) -> str:
 
 
 def model_card(args: argparse.Namespace, parent: Any, payload: Mapping[str, Any], row: Mapping[str, Any], space: Any,
-               data: Any, limits: Limits, files: Sequence[Exported], reference: Reference, model: nn.Module) -> dict[str, Any]:
+               data: Any, limits: Limits, files: Sequence[Exported], reference: Reference,
+               model: nn.Module) -> dict[str, Any]:
     """What was exported, from where, by which rule, and how well each file matches."""
     from trainers.quantize import quant_info
 

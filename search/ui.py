@@ -29,13 +29,26 @@ from typing import IO, Any, Optional
 
 from search.cli import UserError
 
-__all__ = ["cmd_ui", "latest_search_experiment", "port_free", "server_command", "wait_until_up"]
+__all__ = ["cmd_ui", "latest_search_experiment", "port_free", "require_store", "server_command", "wait_until_up"]
 
 HOST = "127.0.0.1"
 #: how long the server may take to answer /health (a loaded 2-core machine needs ~20 s)
 START_TIMEOUT_S = 180.0
 #: how long it may take to stop after SIGTERM before it is killed
 STOP_TIMEOUT_S = 20.0
+
+
+def require_store(tracking_uri: str) -> str:
+    """``tracking_uri``, refused when it names a sqlite file that does not exist: opening it
+    would create an empty store (in the current folder, for the default URI) and every
+    command would then report that nothing was logged there, hiding the real mistake."""
+    prefix = "sqlite:///"
+    if tracking_uri.startswith(prefix):
+        path = tracking_uri[len(prefix):].split("?", 1)[0]
+        if path and path != ":memory:" and not Path(path).is_file():
+            raise UserError(f"--tracking-uri {tracking_uri}: no such database ({Path(path).resolve()}); fix: run from the "
+                            "folder of the search or pass its store, e.g. --tracking-uri sqlite:////abs/path/mlflow.db")
+    return tracking_uri
 
 
 def port_free(port: int, host: str = HOST) -> bool:
@@ -132,7 +145,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return 0
     if not port_free(port):
         raise UserError(f"--port {port}: {HOST}:{port} is already in use; fix: pass a free port, e.g. --port {port + 1}")
-    exp = latest_search_experiment(client(uri))  # also checks that the store opens (and migrates it once)
+    exp = latest_search_experiment(client(require_store(uri)))  # the store opens (and is migrated once)
 
     env = dict(os.environ)
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")

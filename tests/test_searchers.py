@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import optuna
 import yaml
 from optuna.trial import TrialState
 

@@ -539,7 +539,6 @@ def load_image_folder(config: DataConfig) -> DataBundle:
         return in_memory_bundle(x, np.asarray(labels), config, "image_folder")
     train_idx, val_idx = split_indices(len(files), config.val_fraction, config.seed)
     train_files = [files[i] for i in train_idx.tolist()]
-    train_labels = [labels[i] for i in train_idx.tolist()]
     n_train = len(train_files)
     sample = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed))[:STATS_SAMPLE_SIZE]
     mean, std = image_stats([train_files[i] for i in sorted(sample.tolist())], mode, size)

@@ -215,3 +215,64 @@ class StaticInt8(Quantizer):
         for batch in calib:
             prepared(batch)
         return convert_fx(prepared)
+
+
+# --------------------------------------------------------------------------- export support
+
+
+class ExportableDynamicLinear(nn.Module):
+    """A dynamically quantized Linear in exportable ops, with its exact int8 weights.
+
+    ``quantized_decomposed.dequantize_per_*`` on an int8 buffer is what ``torch.onnx``
+    turns into ``DequantizeLinear``, so the ONNX file keeps the int8 weights and scales.
+    The activations are fake-quantized per batch as torch's int8 kernel does at run time
+    (per-tensor min/max over the batch, zero included, ``qmax`` 127 with fbgemm/x86's
+    reduced range, 255 otherwise), so the file reproduces the int8 student's logits to
+    about 1e-5 instead of the ~0.05 a float-activation copy is off by.
+    """
+
+    def __init__(self, qlinear: nn.Module, qmax: int) -> None:
+        super().__init__()
+        weight = qlinear.weight()
+        if weight.dtype != torch.qint8:
+            raise ValueError(f"a dynamic Linear with {weight.dtype} weights is not supported (only qint8)")
+        self.qmax = qmax
+        self.register_buffer("weight_int8", weight.int_repr())
+        self.per_channel = weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+        if self.per_channel:
+            self.register_buffer("scales", weight.q_per_channel_scales().float())
+            self.register_buffer("zero_points", weight.q_per_channel_zero_points())
+            self.axis = int(weight.q_per_channel_axis())
+        else:
+            self.scale, self.zero_point = float(weight.q_scale()), int(weight.q_zero_point())
+        bias = qlinear.bias()
+        self.register_buffer("bias", bias.detach().float().clone() if bias is not None else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low = torch.clamp(x.min(), max=0.0)
+        high = torch.clamp(x.max(), min=0.0)
+        scale = (high - low) / self.qmax
+        scale = torch.where(scale == 0, torch.full_like(scale, 0.1), scale)
+        zero_point = torch.clamp(torch.round(-low / scale), 0, self.qmax)
+        x = (torch.clamp(torch.round(x / scale) + zero_point, 0, self.qmax) - zero_point) * scale
+        ops = torch.ops.quantized_decomposed
+        if self.per_channel:
+            weight = ops.dequantize_per_channel(self.weight_int8, self.scales, self.zero_points, self.axis, -128, 127,
+                                                torch.int8)
+        else:
+            weight = ops.dequantize_per_tensor(self.weight_int8, self.scale, self.zero_point, -128, 127, torch.int8)
+        return nn.functional.linear(x, weight, self.bias)
+
+
+def dynamic_int8_copy(model: nn.Module, qmax: int) -> nn.Module:
+    """``model`` (a ``dynamic_int8`` student) with every dynamic int8 Linear as a
+    :class:`ExportableDynamicLinear`: traceable by ``torch.export``, int8 weights kept."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  registers the quantized_decomposed ops
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    work = copy.deepcopy(model)
+    for module in list(work.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, DynamicLinear):
+                setattr(module, name, ExportableDynamicLinear(child, qmax))
+    return work.eval()

@@ -1,0 +1,400 @@
+"""``kdsearch export`` and ``kdsearch ui`` against a real MLflow store holding real trained students.
+
+The store is laid out as a search logs it (a parent run tagged ``kdsearch.role=search`` with
+``space.yaml`` and ``pareto_front.json``, nested trial runs with ``student/student.pt``), but
+the trials are run directly with :func:`trainers.trial.run_trial` so their compression can be
+forced (float, pruned + static int8, dynamic int8) and no Ray search is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from search.cli import UserError, sample_params
+from search.export import (ExportError, Limits, NoTrialFits, cmd_export, export_student, parse_formats, rebuild,
+                           select, violation)
+from search.report import architecture
+from search.tracking import PARENT_TAG, ROLE_TAG, TRIAL_TAG, client, log_json, log_metrics, ui_link
+from trainers.trial import prepare, run_trial
+
+#: MLflow's SQLAlchemy and torch.jit.load announce their own deprecations
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+CNN = {"student.family": "cnn", "student.cnn.stages": 2, "student.cnn.channels": 16, "student.cnn.blocks": 1,
+       "student.cnn.kernel": 3, "student.cnn.residual": True, "distill.hint_stages": "none", "train.lr": 0.01,
+       "train.batch_size": 64}
+TRIALS = {
+    "float": {**CNN, "compress.prune_ratio": 0.0, "compress.quantize": "none"},
+    "int8": {**CNN, "compress.prune_ratio": 0.5, "compress.quantize": "static_int8", "compress.finetune_epochs": 2},
+    "dynamic": {"student.family": "mlp", "student.mlp.depth": 2, "student.mlp.width": 64, "distill.hint_stages": "none",
+                "train.lr": 0.01, "train.batch_size": 64, "compress.prune_ratio": 0.0, "compress.quantize": "dynamic_int8"},
+}
+#: training seeds: the int8 one gives a student far from its decision boundaries (~92 %), so the
+#: few int8 rounding differences between runtimes flip no prediction
+SEEDS = {"float": 0, "int8": 3, "dynamic": 2}
+EXPERIMENT = "export-test"
+KEEP = ("val_acc", "val_acc_distilled", "params", "macs", "size_bytes", "latency_ms", "latency_iqr_ms", "epoch",
+        "family", "quant_backend", "teacher_val_acc")
+
+
+# --------------------------------------------------------------------------- the store
+
+
+@pytest.fixture(scope="module")
+def digits_space():
+    """The built-in digits space with a smaller, 5-epoch teacher (~90 %) and every knob the
+    trials pin made a fixed value or a choice of their values, so the pins stay inside the
+    space whatever the built-in file's ranges become."""
+    import yaml
+
+    from spaces import DEFAULT_SPACE, parse_space
+
+    raw = yaml.safe_load(DEFAULT_SPACE.read_text())
+    raw["teacher"].update(epochs=5, config={**raw["teacher"]["config"], "stages": 2, "channels": 16})
+    for key in sorted({k for pinned in TRIALS.values() for k in pinned} - {"student.family"}):
+        values = list(dict.fromkeys(p[key] for p in TRIALS.values() if key in p))
+        *path, name = key.split(".")
+        section = raw["students"][path[1]] if path[0] == "student" else raw[path[0]]
+        section[name] = values[0] if len(values) == 1 else {"choice": values}
+    return parse_space(raw, text=yaml.safe_dump(raw, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def digits_context(digits_space, teacher_cache):
+    return prepare(digits_space)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, digits_space, digits_context):
+    """A sqlite store with three trained trials and four searches: one per trial (a one-row
+    front, to export that student) and, latest, one whose front holds all three."""
+    tmp = tmp_path_factory.mktemp("export-store")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    c = client(uri)
+    exp_id = c.create_experiment(EXPERIMENT, artifact_location=(tmp / "artifacts").as_uri())
+    clock = itertools.count(int(time.time() * 1000))
+
+    def search(name: str, rows: list[dict]) -> str:
+        parent = c.create_run(exp_id, run_name=name, tags={ROLE_TAG: "search"}, start_time=next(clock))
+        (tmp / "space.yaml").write_text(digits_space.text)
+        c.log_artifact(parent.info.run_id, str(tmp / "space.yaml"))
+        log_json(c, parent.info.run_id, "pareto_front.json",
+                 {"objectives": digits_space.objectives, "reference_point": {}, "hypervolume": 0.0, "front": rows})
+        c.set_terminated(parent.info.run_id, "FINISHED")
+        return parent.info.run_id
+
+    parents: dict[str, str] = {}
+    rows: dict[str, dict] = {}
+    first = search("search-trials", [])
+    for i, (key, pinned) in enumerate(TRIALS.items()):
+        params = sample_params(digits_space, json.dumps(pinned), seed=SEEDS[key])
+        folder = tmp / f"trial-{key}"
+        result = run_trial(digits_space, params, context=digits_context, epochs=3, seed=SEEDS[key], artifact_dir=folder)
+        run = c.create_run(exp_id, run_name=f"trial-00{i + 1}", tags={PARENT_TAG: first, TRIAL_TAG: f"t{i}"})
+        log_metrics(c, run.info.run_id, result)
+        c.log_artifact(run.info.run_id, str(folder / "student.pt"), "student")
+        c.set_terminated(run.info.run_id, "FINISHED")
+        rows[key] = {"trial": f"trial-00{i + 1}", "trial_id": f"t{i}", "run_id": run.info.run_id, "status": "complete",
+                     **{k: result[k] for k in KEEP if k in result}, "config": result["config"],
+                     "architecture": architecture(result["config"])}
+    for key in TRIALS:
+        parents[key] = search(f"search-{key}", [rows[key]])
+    parents["all"] = search("search-all", list(rows.values()))
+    return SimpleNamespace(uri=uri, client=c, experiment_id=exp_id, parents=parents, rows=rows, tmp=tmp)
+
+
+def export_args(store, out: Path, **overrides) -> argparse.Namespace:
+    values = {"tracking_uri": store.uri, "experiment": EXPERIMENT, "run_id": None, "max_latency_ms": None,
+              "max_params": None, "max_size_bytes": None, "out": str(out), "format": "onnx,pt2,state_dict",
+              "register": None}
+    values.update(overrides)
+    return argparse.Namespace(**values)
+
+
+def export(store, out: Path, key: str, **overrides) -> tuple[Path, dict]:
+    assert cmd_export(export_args(store, out, run_id=store.parents[key], **overrides)) == 0
+    folder = out / f"search-{key}" / store.rows[key]["trial"]
+    return folder, json.loads((folder / "model_card.json").read_text())
+
+
+def reference_model(store, digits_space, digits_context, key: str):
+    row = store.rows[key]
+    path = Path(store.client.download_artifacts(row["run_id"], "student/student.pt", str(store.tmp / f"dl-{key}")))
+    return rebuild(digits_space, row["config"], path, digits_context.data)
+
+
+def onnx_logits(path: Path, x: torch.Tensor) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x.numpy()})[0]
+
+
+def accuracy_of(logits: np.ndarray, y: torch.Tensor) -> float:
+    return float((logits.argmax(-1) == y.numpy()).mean())
+
+
+# --------------------------------------------------------------------------- selection
+
+
+FRONT = [
+    {"trial": "trial-001", "status": "complete", "val_acc": 0.97, "latency_ms": 0.40, "params": 20_000, "size_bytes": 80_000},
+    {"trial": "trial-002", "status": "complete", "val_acc": 0.95, "latency_ms": 0.20, "params": 9_000, "size_bytes": 20_000},
+    {"trial": "trial-003", "status": "complete", "val_acc": 0.90, "latency_ms": 0.05, "params": 3_000, "size_bytes": 7_000},
+    {"trial": "trial-004", "status": "complete", "val_acc": 0.80, "latency_ms": 0.04, "params": 2_000, "size_bytes": 6_000},
+    {"trial": "trial-005", "status": "pruned", "val_acc": 0.99, "latency_ms": 0.01, "params": 100, "size_bytes": 100},
+]
+
+
+def test_select_picks_the_most_accurate_trial_under_the_limits():
+    assert select(FRONT, Limits())["trial"] == "trial-001"  # pruned trial-005 is never chosen
+    assert select(FRONT, Limits(max_latency_ms=0.3))["trial"] == "trial-002"
+    assert select(FRONT, Limits(max_latency_ms=0.3, max_params=5_000))["trial"] == "trial-003"
+    assert select(FRONT, Limits(max_size_bytes=6_000))["trial"] == "trial-004"
+    assert select(FRONT, Limits(max_params=9_000))["trial"] == "trial-002"  # a bound is inclusive
+    tie = [{**FRONT[0], "trial": "slow"}, {**FRONT[0], "trial": "fast", "latency_ms": 0.3}]
+    assert select(tie, Limits())["trial"] == "fast"
+
+
+def test_select_without_a_fit_lists_the_closest_trials_with_their_figures():
+    limits = Limits(max_latency_ms=0.03, max_params=1_000)
+    with pytest.raises(NoTrialFits) as caught:
+        select(FRONT, limits)
+    message = str(caught.value)
+    assert "\n" not in message and isinstance(caught.value, UserError)
+    assert [r["trial"] for r in caught.value.closest] == ["trial-004", "trial-003", "trial-002"]
+    assert violation(caught.value.closest[0], limits) < violation(caught.value.closest[1], limits)
+    assert "--max-latency-ms 0.03 --max-params 1000" in message and "trial-001" not in message
+    assert "trial-004 val_acc 0.8 latency_ms 0.04 > 0.03 (+33%) params 2000 > 1000 (+100%)" in message
+    assert "fix:" in message
+    assert violation({"val_acc": 0.9}, Limits(max_params=10)) == math.inf  # an unknown figure never fits
+    with pytest.raises(NoTrialFits, match="no complete trial"):
+        select([FRONT[4]], Limits())
+
+
+def test_bad_limits_and_formats_are_one_line_errors():
+    with pytest.raises(UserError, match=r"--max-params 0: .*fix:"):
+        Limits(max_params=0).validate()
+    with pytest.raises(UserError, match=r"--format onnx,tflite: unknown tflite; fix:"):
+        parse_formats("onnx,tflite")
+    assert parse_formats("state_dict, onnx") == ["onnx", "state_dict"]
+
+
+# --------------------------------------------------------------------------- export and parity
+
+
+def test_float_student_exports_to_onnx_and_pt2_with_parity_and_registers(store, tmp_path, digits_space, digits_context):
+    folder, card = export(store, tmp_path, "float", register="kdsearch-test-student")
+    assert sorted(p.name for p in folder.iterdir()) == ["model_card.json", "student.onnx", "student.pt", "student.pt2"]
+    files = {f["format"]: f for f in card["files"]}
+    for fmt in ("onnx", "pt2", "state_dict"):
+        parity = files[fmt]["parity"]
+        assert parity["ok"] and parity["max_abs_diff"] <= 1e-4 and parity["acc_diff_points"] <= 0.1
+        assert files[fmt]["bytes"] == (folder / files[fmt]["file"]).stat().st_size
+    row = store.rows["float"]
+    assert card["trial"] == row["trial"] and card["run_id"] == row["run_id"]
+    assert card["config"] == row["config"] and card["metrics"]["val_acc"] == row["val_acc"]
+    assert card["teacher"]["family"] == digits_space.teacher.family and card["data"]["source"] == "digits"
+    assert card["rule"]["limits"] == {} and card["versions"]["onnxruntime"] != "not installed"
+    assert (folder / "student.pt").read_bytes() == Path(store.client.download_artifacts(
+        row["run_id"], "student/student.pt", str(tmp_path / "dl"))).read_bytes()
+
+    # independently of the card: the files against the rebuilt student on the whole validation set
+    model = reference_model(store, digits_space, digits_context, "float")
+    val = digits_context.data.val
+    with torch.inference_mode():
+        expected = model(val.x).numpy()
+        program = torch.export.load(str(folder / "student.pt2")).module()
+        from_pt2 = program(val.x).numpy()
+        from_pt2_one = program(val.x[:1]).numpy()
+    from_onnx = onnx_logits(folder / "student.onnx", val.x)
+    assert np.abs(from_onnx - expected).max() <= 1e-4 and np.abs(from_pt2 - expected).max() <= 1e-4
+    assert np.abs(from_pt2_one - expected[:1]).max() <= 1e-4  # the batch axis is dynamic, 1 included
+    assert abs(accuracy_of(from_onnx, val.y) - row["val_acc"]) <= 0.001
+    assert abs(accuracy_of(from_pt2, val.y) - row["val_acc"]) <= 0.001
+
+    registered = card["registered"]
+    assert registered["name"] == "kdsearch-test-student" and registered["version"] == "1"
+    versions = store.client.search_model_versions("name = 'kdsearch-test-student'")
+    assert [str(v.version) for v in versions] == ["1"]
+
+
+def test_pruned_static_int8_student_exports_as_qdq_onnx_and_torchscript(store, tmp_path, digits_space, digits_context):
+    import onnx
+
+    folder, card = export(store, tmp_path, "int8")
+    assert sorted(p.name for p in folder.iterdir()) == ["model_card.json", "student.onnx", "student.pt", "student.ts"]
+    assert card["compression"] == {"prune_ratio": 0.5, "quantize": "static_int8", "backend": card["compression"]["backend"]}
+    ops = {n.op_type for n in onnx.load(str(folder / "student.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    for f in card["files"]:
+        assert f["parity"]["ok"] and f["parity"]["acc_diff_points"] <= 0.5
+
+    model = reference_model(store, digits_space, digits_context, "int8")
+    val = digits_context.data.val
+    with torch.inference_mode():
+        expected = model(val.x).numpy()
+        from_ts = torch.jit.load(str(folder / "student.ts")).eval()(val.x).numpy()
+    from_onnx = onnx_logits(folder / "student.onnx", val.x)
+    reference_acc = accuracy_of(expected, val.y)
+    assert reference_acc == pytest.approx(store.rows["int8"]["val_acc"])
+    assert abs(accuracy_of(from_onnx, val.y) - reference_acc) <= 0.005
+    assert np.abs(from_ts - expected).max() <= 1e-5
+    print(f"static int8: onnx max|diff| {np.abs(from_onnx - expected).max():.3g}, "
+          f"val_acc {accuracy_of(from_onnx, val.y):.4f} vs {reference_acc:.4f}")
+
+
+def test_dynamic_int8_student_keeps_int8_weights_in_onnx(store, tmp_path, digits_space, digits_context):
+    import onnx
+
+    folder, card = export(store, tmp_path, "dynamic", format="onnx")
+    model = onnx.load(str(folder / "student.onnx"))
+    int8 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
+    assert len(int8) == 3 and "DequantizeLinear" in {n.op_type for n in model.graph.node}
+    parity = card["files"][0]["parity"]
+    assert parity["ok"] and parity["max_abs_diff"] < 1e-3 and parity["acc_diff_points"] <= 0.5
+
+
+def test_a_file_that_does_not_match_is_an_error_and_leaves_nothing(store, tmp_path, monkeypatch):
+    import search.export as export_module
+
+    real = export_module.onnx_predict
+
+    def noisy(path):
+        predict, runtime = real(path)
+        return (lambda x: predict(x) + np.random.default_rng(0).normal(0, 5, (len(x), 10)).astype(np.float32)), runtime
+
+    monkeypatch.setattr(export_module, "onnx_predict", noisy)
+    with pytest.raises(ExportError, match=r"^onnx: student.onnx does not match the in-process student .*fix:") as caught:
+        cmd_export(export_args(store, tmp_path, run_id=store.parents["float"]))
+    assert "\n" not in str(caught.value)
+    assert not any(tmp_path.iterdir())  # no half-verified export, no staging folder, no empty folders
+
+
+def test_export_student_works_without_mlflow(store, tmp_path, digits_space, digits_context):
+    row = store.rows["float"]
+    checkpoint = Path(store.client.download_artifacts(row["run_id"], "student/student.pt", str(tmp_path / "dl")))
+    files, reference, _ = export_student(digits_space, row["config"], checkpoint, tmp_path / "out", ["state_dict"],
+                                         digits_context.data)
+    assert [f.file for f in files] == ["student.pt"] and files[0].parity.max_abs_diff == 0.0
+    assert reference.val_acc == pytest.approx(row["val_acc"])
+
+
+# --------------------------------------------------------------------------- the command line
+
+#: the ``kdsearch`` entry point (``search.cli:main``). Not ``python -m search.cli``: run as
+#: ``__main__``, cli.py's ``UserError`` is another class than the ``search.cli.UserError`` that
+#: search.export raises, so its one-line handler would miss it.
+KDSEARCH = (sys.executable, "-c", "import sys; from search.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    return subprocess.run([*KDSEARCH, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("kdsearch: error: "), result.stderr
+    return lines[0]
+
+
+def test_cli_unknown_experiment_is_one_line(store, tmp_path):
+    line = error_line(cli("export", "--tracking-uri", store.uri, "--experiment", "nope", "--out", str(tmp_path)))
+    assert "--experiment nope" in line and "fix:" in line
+
+
+def test_cli_unreachable_tracking_server_fails_fast(tmp_path):
+    started = time.monotonic()
+    line = error_line(cli("export", "--tracking-uri", "http://127.0.0.1:9", "--out", str(tmp_path)))
+    assert "--tracking-uri http://127.0.0.1:9" in line and "fix:" in line
+    assert time.monotonic() - started < 60
+
+
+def test_cli_no_trial_under_the_limits_lists_the_closest(store, tmp_path):
+    line = error_line(cli("export", "--tracking-uri", store.uri, "--experiment", EXPERIMENT, "--max-params", "10",
+                          "--out", str(tmp_path)))
+    assert "no front trial meets --max-params 10 (3 on the front); closest: " in line
+    assert all(row["trial"] in line for row in store.rows.values())
+    assert not any(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- kdsearch ui
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except OSError:
+        return 0
+
+
+def test_ui_serves_the_store_and_stops_on_ctrl_c(store, tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([*KDSEARCH, "ui", "--tracking-uri", store.uri, "--port", str(port)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while http_status(f"{base}/health") != 200:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the UI did not come up in 120 s"
+            time.sleep(0.5)
+        assert http_status(f"{base}/") == 200
+        search = f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name={EXPERIMENT}"
+        assert http_status(search) == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert ui_link(base, store.experiment_id) in out.splitlines()
+    assert "Uvicorn" not in err and "INFO" not in err  # the server's banner stays out of sight
+    assert http_status(f"{base}/health") == 0
+
+
+def test_a_missing_sqlite_store_is_refused_not_created(tmp_path):
+    from search.ui import cmd_ui
+
+    uri = f"sqlite:///{tmp_path}/nothing.db"
+    with pytest.raises(UserError, match=r"^--tracking-uri sqlite:///.*nothing.db: no such database .*fix:"):
+        cmd_export(export_args(SimpleNamespace(uri=uri), tmp_path))
+    with pytest.raises(UserError, match=r"no such database"):
+        cmd_ui(argparse.Namespace(tracking_uri=uri, port=free_port(), verbose=False))
+    assert not any(tmp_path.iterdir())
+
+
+def test_ui_on_a_busy_port_is_one_line(tmp_path):
+    from search.ui import cmd_ui
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(UserError, match=rf"^--port {port}: 127.0.0.1:{port} is already in use; fix: "):
+            cmd_ui(argparse.Namespace(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", port=port, verbose=False))
