@@ -85,6 +85,9 @@ def max_epochs(space: Space, override: Optional[int]) -> int:
 
 # --------------------------------------------------------------------------- the trial inside Tune
 
+#: the final metrics, kept beside the student in a trial's last checkpoint
+FINAL_METRICS = "final_metrics.json"
+
 
 def distil_trainable(config: dict[str, Any], *, space: Space, context: Any, measurer: Any, seed: int,
                      epochs: Optional[int]) -> None:
@@ -104,6 +107,10 @@ def distil_trainable(config: dict[str, Any], *, space: Space, context: Any, meas
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
+            final = Path(folder) / FINAL_METRICS
+            if final.is_file():  # the trial had finished: report it again rather than retrain it
+                tune.report(json.loads(final.read_text()), checkpoint=tune.Checkpoint.from_directory(folder))
+                return
             state = Path(folder) / "state.pt"
             if state.is_file():
                 resume = torch.load(state, weights_only=True, map_location=device)
@@ -111,6 +118,7 @@ def distil_trainable(config: dict[str, Any], *, space: Space, context: Any, meas
     with tempfile.TemporaryDirectory() as artifact_dir:
         def report(metrics: dict[str, Any], state: Optional[dict[str, Any]] = None) -> None:
             if "size_bytes" in metrics:
+                (Path(artifact_dir) / FINAL_METRICS).write_text(json.dumps(metrics, default=str))
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(artifact_dir))
             elif state is not None:
                 with tempfile.TemporaryDirectory() as folder:
