@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ray.tune.stopper import Stopper
+
 from spaces import Choice, Fixed, FloatRange, IntRange, Space, load_space
 
 log = logging.getLogger("kdsearch")
@@ -139,18 +141,23 @@ def distil_trainable(config: dict[str, Any], *, space: Space, context: Any, meas
 # --------------------------------------------------------------------------- wiring
 
 
-class EpochBudget:
+class EpochBudget(Stopper):
     """A Tune stopper: end the search once the trials together have trained ``budget`` epochs.
 
-    Searches compared at equal compute stop here; trials running at that moment finish
-    their current epoch and end as pruned.
+    Searches compared at equal compute stop here. Epochs are counted once per
+    ``(trial, epoch)``: Tune shows a stopper a finished trial's last result twice.
     """
 
     def __init__(self, budget: int) -> None:
-        self.budget, self.spent = budget, 0
+        self.budget = budget
+        self.seen: set[tuple[str, int]] = set()
+
+    @property
+    def spent(self) -> int:
+        return len(self.seen)
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        self.spent += 1  # one result per epoch
+        self.seen.add((trial_id, int(result.get("epoch", result.get("training_iteration", 0)))))
         return False
 
     def stop_all(self) -> bool:

@@ -86,8 +86,8 @@ class SearchRecorder(tune.Callback):
         """Record trials from a Tune ResultGrid that ended before this recorder saw them (a resume)."""
         for result in results:
             trial_id = (result.metrics or {}).get("trial_id")
-            if not trial_id or trial_id in self.rows:
-                continue
+            if not trial_id or trial_id in self.rows or result.config is None:
+                continue  # seen already, or created but never started (a budget stop)
             status = FAILED if result.error or (result.metrics or {}).get("diverged") else COMPLETE if is_final(result.metrics) else PRUNED
             self._finish(trial_id, result.config, result.checkpoint, status, result.metrics or {},
                          error=str(result.error or ""), quiet=True)

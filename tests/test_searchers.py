@@ -5,7 +5,9 @@ from __future__ import annotations
 import yaml
 from optuna.trial import TrialState
 
-from search.driver import ConstraintCheck, scheduler_objectives
+from ray.tune.stopper import Stopper
+
+from search.driver import ConstraintCheck, EpochBudget, scheduler_objectives
 from search.recorder import is_final
 from search.searchers import KDSearch, make_sampler
 from spaces import DEFAULT_SPACE, parse_space
@@ -47,3 +49,14 @@ def test_early_stopped_trial_is_pruned_in_optuna_and_full_one_complete():
 def test_pareto_asha_ranks_on_per_epoch_proxies():
     space = tight_space(60000)
     assert scheduler_objectives(space) == (["val_acc", "macs", "params"], ["max", "min", "min"])
+
+
+def test_epoch_budget_counts_each_trial_epoch_once():
+    budget = EpochBudget(3)
+    assert isinstance(budget, Stopper)
+    budget("a", {"epoch": 1})
+    budget("a", {"epoch": 1})  # Tune repeats a finished trial's last result
+    budget("b", {"epoch": 1})
+    assert budget.spent == 2 and not budget.stop_all()
+    budget("a", {"epoch": 2})
+    assert budget.stop_all()

@@ -1,0 +1,548 @@
+"""How much Pareto front each search method buys for the same training compute.
+
+Four methods search the built-in digits space at an EQUAL compute budget, counted in training
+epochs summed over all trials (``SearchOptions.budget_epochs``; ``num_samples`` is set high
+enough that the budget, not the trial count, ends every search), over several seeds each:
+
+    random      searcher random, no early stopping (scheduler none)
+    nsga2       NSGA-II, no early stopping
+    nsga2+asha  NSGA-II + ASHA on val_acc
+    nsga2+pasha NSGA-II + pareto-asha (ranked on val_acc, macs, params)
+
+Every run is a real ``run_search`` (Ray Tune, Optuna, MLflow in a temporary sqlite store,
+Tune storage in a temporary folder; front models are not logged). All runs share one
+declared hypervolume reference point, written into a temporary copy of ``spaces/digits.yaml``:
+val_acc 0, latency_ms ``--ref-latency-ms`` (a fixed 1.0 ms, 2-4x the teacher's batch-1
+latency under load, so a slow measurement does not push a student out of the box), params = the space's
+``max_params``. Hypervolume is reported as a fraction of that reference box (1.0 = a perfect
+student with zero latency and zero parameters).
+
+HV against compute: from the MLflow nested runs of each search, every trial's per-epoch
+results (metric history of ``epoch``, time-stamped by the driver in the order Tune processed
+them) give the order in which epochs were spent, pruned and stopped trials included; a complete
+trial joins the front when its last result arrives, with the objective values of
+``SearchResult.rows`` (latency re-measured in the quiet phase). The curve's value at the budget
+is the method's figure; its final value is checked against ``SearchResult.hypervolume``. A
+second hypervolume uses MACs instead of latency (deterministic: no timing noise) as a check.
+
+Two stand-ins, installed in this process only and named in the JSON's config: when
+``search.driver.EpochBudget`` is not a ``ray.tune.Stopper`` that counts each epoch once (Tune
+rejects it, and it counts the result Tune repeats when a trial returns), an exact stopper takes
+its place; and ``SearchRecorder.adopt`` skips trials that never reported (``config`` None).
+
+Per method: mean +- std HV at the budget, and the compute at which the mean curve first
+reaches random search's mean HV at the budget. Plot: ``benchmarks/results/search_quality.png``;
+figures: ``benchmarks/results/search_quality.json``. Last line is one JSON object.
+
+    python benchmarks/search_quality.py [--quick] [--seeds 3] [--budget 120] [--epochs N]
+    python benchmarks/search_quality.py --from-json benchmarks/results/search_quality.json   # table + plot again
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from search import driver  # noqa: E402
+from search.driver import SearchOptions, run_search  # noqa: E402
+from search.pareto import hypervolume  # noqa: E402
+from spaces import load_space  # noqa: E402
+
+#: name -> (searcher, scheduler)
+METHODS = {
+    "random": ("random", "none"),
+    "nsga2": ("nsga2", "none"),
+    "nsga2+asha": ("nsga2", "asha"),
+    "nsga2+pasha": ("nsga2", "pareto-asha"),
+}
+EXPERIMENT = "search-quality"
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------- the budget stopper
+
+
+def budget_counts_exactly(cls: type) -> bool:
+    """Whether the driver's budget stopper is a Tune Stopper that counts each epoch once.
+
+    Tune refuses a stopper object that is not a ``ray.tune.Stopper`` subclass, and it calls
+    the stopper a second time with a trial's last result when a function trainable returns
+    (the "duplicate" result), so a counter of calls overcounts by one per finished trial.
+    """
+    from ray.tune import Stopper
+
+    try:
+        stopper = cls(2)
+        if not isinstance(stopper, Stopper):
+            return False
+        last = {"epoch": 1}
+        stopper("t", last)
+        stopper("t", {**last, "done": True})  # the duplicate Tune sends when the trainable returns
+        return not stopper.stop_all()
+    except Exception:
+        return False
+
+
+def install_exact_budget() -> str:
+    """Use the driver's own stopper when it is exact, else a drop-in that counts (trial, epoch) pairs."""
+    from ray.tune import Stopper
+
+    if budget_counts_exactly(driver.EpochBudget):
+        return "search.driver.EpochBudget"
+
+    class ExactEpochBudget(Stopper):
+        """End the search once the trials together have trained ``budget`` epochs, each counted once."""
+
+        def __init__(self, budget: int) -> None:
+            self.budget, self.seen = budget, set()
+
+        @property
+        def spent(self) -> int:
+            return len(self.seen)
+
+        def __call__(self, trial_id: str, result: dict) -> bool:
+            epoch = result.get("epoch", result.get("training_iteration"))
+            if epoch is not None:
+                self.seen.add((trial_id, int(epoch)))
+            return False
+
+        def stop_all(self) -> bool:
+            return self.spent >= self.budget
+
+    driver.EpochBudget = ExactEpochBudget
+    return "benchmark ExactEpochBudget (search.driver.EpochBudget is not an exact Tune Stopper)"
+
+
+def install_adopt_guard() -> str | None:
+    """Skip never-reported trials in ``SearchRecorder.adopt`` (work in progress in the tree).
+
+    A trial that Tune created but that had not reported when the budget stopped the search
+    comes back in the ResultGrid with ``config`` None, and ``adopt`` then fails on
+    ``config.items()``; such a trial trained nothing and has nothing to adopt.
+    """
+    from search.recorder import SearchRecorder
+
+    adopt = getattr(SearchRecorder, "adopt", None)
+    if adopt is None:
+        return None
+
+    def guarded(self, results):
+        return adopt(self, [result for result in results if result.config is not None])
+
+    SearchRecorder.adopt = guarded
+    return "SearchRecorder.adopt skips results with config None"
+
+
+def install_population(size: int | None) -> None:
+    """Experiment knob: a fixed NSGA-II population instead of the driver's num_samples // 4."""
+    if not size:
+        return
+    import optuna
+
+    from search import searchers
+
+    original = searchers.make_sampler
+
+    def make_sampler(name: str, seed: int, num_samples: int):
+        if name == "nsga2":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return optuna.samplers.NSGAIISampler(seed=seed, population_size=size)
+        return original(name, seed, num_samples)
+
+    searchers.make_sampler = make_sampler
+
+
+def install_reuse_actors(on: bool) -> None:
+    """Experiment knob: Tune reuses trial actors (the driver sets reuse_actors=False)."""
+    if not on:
+        return
+    from ray import tune
+
+    original = tune.TuneConfig
+
+    def tune_config(*args, **kwargs):
+        kwargs["reuse_actors"] = True
+        return original(*args, **kwargs)
+
+    tune.TuneConfig = tune_config
+
+
+# --------------------------------------------------------------------------- one search
+
+
+def write_space(folder: Path, ref_latency_ms: float) -> tuple[str, dict[str, float]]:
+    """The built-in space with one declared reference point; returns its path and the point."""
+    base = load_space()
+    raw = yaml.safe_load(base.text)
+    reference = {"val_acc": 0.0, "latency_ms": float(ref_latency_ms), "params": float(base.constraints["max_params"])}
+    assert set(reference) == set(base.objectives), f"objectives changed: {base.objectives}"
+    raw["reference_point"] = reference
+    path = folder / "digits-ref.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return str(path), reference
+
+
+def timeline(mlflow_client, parent_run_id: str) -> tuple[list[tuple[str, int]], list[Any]]:
+    """Every epoch result of the search's trials in the order the driver processed it: (run_id, epoch); and the trial runs."""
+    from search.tracking import trial_runs
+
+    events = []
+    parent = mlflow_client.get_run(parent_run_id)
+    runs = list(trial_runs(mlflow_client, parent))
+    for run in runs:
+        seen = set()
+        for metric in mlflow_client.get_metric_history(run.info.run_id, "epoch"):
+            epoch = int(metric.value)
+            if epoch not in seen:  # a re-logged epoch (e.g. after a restore) costs nothing new
+                seen.add(epoch)
+                events.append((metric.timestamp, epoch, run.info.run_id))
+    events.sort()
+    return [(run_id, epoch) for _, epoch, run_id in events], runs
+
+
+def trial_records(runs: list[Any], events: list[tuple[str, int]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One compact line per trial, in launch order: what it was, how long it trained, how it ended."""
+    import hashlib
+
+    spent: dict[str, int] = {}
+    for run_id, _ in events:
+        spent[run_id] = spent.get(run_id, 0) + 1
+    complete = {row["run_id"]: row for row in rows}
+    records = []
+    for run in sorted(runs, key=lambda r: r.info.run_name or ""):
+        metrics, params = run.data.metrics, run.data.params
+        row = complete.get(run.info.run_id, {})
+        records.append({
+            "trial": run.info.run_name, "status": run.data.tags.get("kdsearch.status"), "epochs": spent.get(run.info.run_id, 0),
+            "family": params.get("student.family"), "prune": params.get("compress.prune_ratio"),
+            "quantize": params.get("compress.quantize"),
+            "config_hash": hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10],
+            "params": metrics.get("params"), "macs": metrics.get("macs"),
+            "val_acc": row.get("val_acc", metrics.get("val_acc")), "latency_ms": row.get("latency_ms"),
+            "latency_ms_search": row.get("latency_ms_search"),
+        })
+    return records
+
+
+def hv_curve(events: list[tuple[str, int]], rows: list[dict[str, Any]], objectives: dict[str, str],
+             reference: dict[str, float]) -> list[tuple[int, float]]:
+    """(cumulative epochs, HV) after each complete trial joins, starting at (0, 0)."""
+    final_epoch = {row["run_id"]: int(row["epoch"]) for row in rows}
+    by_run = {row["run_id"]: row for row in rows}
+    joined: list[dict[str, Any]] = []
+    curve = [(0, 0.0)]
+    for spent, (run_id, epoch) in enumerate(events, start=1):
+        if run_id in final_epoch and epoch == final_epoch[run_id]:
+            joined.append(by_run[run_id])
+            curve.append((spent, hypervolume(joined, objectives, reference)))
+    curve.append((len(events), curve[-1][1]))
+    return curve
+
+
+def at(curve: list[tuple[int, float]], compute: float) -> float:
+    """The step curve's value once ``compute`` epochs have been spent."""
+    value = 0.0
+    for spent, hv in curve:
+        if spent > compute:
+            break
+        value = hv
+    return value
+
+
+def one_search(method: str, seed: int, args: argparse.Namespace, space_path: str, reference: dict[str, float],
+               macs_reference: dict[str, float], tmp: Path, tracking_uri: str) -> dict[str, Any]:
+    from search.tracking import client
+
+    searcher, scheduler = METHODS[method]
+    storage = tmp / f"ray-{method}-{seed}"
+    options = SearchOptions(
+        space=space_path, num_samples=args.num_samples, max_concurrent=args.max_concurrent, tracking_uri=tracking_uri,
+        experiment=EXPERIMENT, storage=str(storage), seed=seed, searcher=searcher, scheduler=scheduler,
+        epochs=args.epochs, grace_period=args.grace_period, reduction_factor=args.reduction_factor,
+        name=f"{method}-seed{seed}", budget_epochs=args.budget, log_models=False,
+    )
+    messages: list[str] = []
+    started = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # the front table and Ray chatter
+            warnings.simplefilter("ignore")
+            result = run_search(options, messages.append)
+    except BaseException:
+        say("  the search failed; its last messages:\n    " + "\n    ".join(messages[-15:]))
+        raise
+    wall = time.perf_counter() - started
+    shutil.rmtree(storage, ignore_errors=True)
+
+    objectives = load_space(space_path).objectives
+    events, trial_runs_ = timeline(client(tracking_uri), result.parent_run_id)
+    trials = len(trial_runs_)
+    curve = hv_curve(events, result.rows, objectives, reference)
+    macs_objectives = {"val_acc": "max", "macs": "min", "params": "min"}
+    macs_curve = hv_curve(events, result.rows, macs_objectives, macs_reference)
+    box = math.prod(abs(reference[m] - (1.0 if d == "max" else 0.0)) for m, d in objectives.items())
+    macs_box = math.prod(abs(macs_reference[m] - (1.0 if d == "max" else 0.0)) for m, d in macs_objectives.items())
+    if not math.isclose(curve[-1][1], result.hypervolume, rel_tol=1e-9, abs_tol=1e-12):
+        say(f"  warning: reconstructed final HV {curve[-1][1]:.6g} != search's {result.hypervolume:.6g}")
+    counts = result.counts
+    return {
+        "method": method, "seed": seed, "wall_s": round(wall, 1), "epochs_spent": len(events), "trials": trials,
+        "complete": counts.get("complete", 0), "pruned": counts.get("pruned", 0), "failed": counts.get("failed", 0),
+        "rejected": counts.get("rejected", 0),
+        "hv_budget": at(curve, args.budget) / box, "hv_final": curve[-1][1] / box,
+        "hv_macs_budget": at(macs_curve, args.budget) / macs_box,
+        "front": len(result.front), "parent_run_id": result.parent_run_id,
+        "curve": [(c, v / box) for c, v in curve], "macs_curve": [(c, v / macs_box) for c, v in macs_curve],
+        "latency_ms_max": max((r["latency_ms"] for r in result.rows), default=None),
+        "trial_records": trial_records(trial_runs_, events, result.rows),
+    }
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def reach(grid: np.ndarray, curve: np.ndarray, target: float) -> float | None:
+    hit = np.flatnonzero(curve >= target - 1e-12)
+    return float(grid[hit[0]]) if hit.size else None
+
+
+def summarise(runs: list[dict[str, Any]], methods: list[str], budget: int, key: str = "curve") -> dict[str, Any]:
+    grid = np.arange(budget + 1)
+    curves = {m: np.array([[at(r[key], c) for c in grid] for r in runs if r["method"] == m]) for m in methods}
+    means = {m: c.mean(axis=0) for m, c in curves.items()}
+    target = float(means["random"][-1]) if "random" in means else None
+    out = {}
+    for m in methods:
+        finals = curves[m][:, -1]
+        per_seed = [reach(grid, row, target) for row in curves[m]] if target is not None else []
+        # the same seed draws the same configurations while NSGA-II is in its first generation: pair by seed
+        paired = [float(x - y) for x, y in zip(finals, curves["random"][:, -1])] if "random" in curves else []
+        out[m] = {
+            "paired_delta_vs_random": paired,
+            "hv_mean": float(finals.mean()), "hv_std": float(finals.std(ddof=1)) if len(finals) > 1 else 0.0,
+            "hv_per_seed": [float(x) for x in finals],
+            "epochs_to_random_hv": reach(grid, means[m], target) if target is not None else None,
+            "epochs_to_random_hv_per_seed": per_seed,
+            "mean_curve": [float(x) for x in means[m]],
+            "std_curve": [float(x) for x in curves[m].std(axis=0, ddof=1)] if len(finals) > 1 else [0.0] * len(grid),
+        }
+    return {"target": target, "methods": out}
+
+
+def plot(summary: dict[str, Any], macs_summary: dict[str, Any], budget: int, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, data, label in ((axes[0], summary, "HV (val_acc, latency_ms, params)"),
+                            (axes[1], macs_summary, "HV with MACs for latency (no timing noise)")):
+        grid = np.arange(budget + 1)
+        for method, s in data["methods"].items():
+            mean, std = np.array(s["mean_curve"]), np.array(s["std_curve"])
+            line, = ax.step(grid, mean, where="post", label=f"{method}: {s['hv_mean']:.3f} ± {s['hv_std']:.3f}")
+            ax.fill_between(grid, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), step="post",
+                            color=line.get_color(), alpha=0.15)
+        if data["target"] is not None:
+            ax.axhline(data["target"], color="grey", ls="--", lw=1, label="random's mean HV at the budget")
+        ax.axvline(budget / 2, color="grey", ls=":", lw=1, label="half the budget")
+        ax.set_xlabel("compute spent (training epochs, all trials)")
+        ax.set_ylabel("hypervolume (fraction of the reference box)")
+        ax.set_title(label, fontsize=10)
+        ax.set_xlim(0, budget)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def fmt_epochs(value: float | None, budget: int) -> str:
+    return "not reached" if value is None else f"{value:.0f} ({value / budget:.0%})"
+
+
+def front_epochs(run: dict[str, Any], objectives: dict[str, str]) -> int:
+    """What the run's final front cost to train: no method can rebuild that front with less compute."""
+    from search.pareto import pareto_mask
+
+    complete = [t for t in run["trial_records"] if t["status"] == "complete"]
+    return sum(t["epochs"] for t, keep in zip(complete, pareto_mask(complete, objectives)) if keep)
+
+
+def report(runs: list[dict[str, Any]], config: dict[str, Any], elapsed: float, out: Path, tag: str) -> None:
+    """The table, the claim, the plot and the JSON; the last line printed is one JSON object."""
+    methods = list(config["methods"])
+    budget, seeds = config["budget_epochs"], config["seeds"]
+    reference = config["reference_point"]
+    summary = summarise(runs, methods, budget)
+    macs_summary = summarise(runs, methods, budget, key="macs_curve")
+    say("")
+    say(f"hypervolume at {budget} epochs (fraction of the reference box), mean ± std over {seeds} seeds"
+        + (f"; paired difference to random of the same seed; compute for the mean curve to reach random's mean HV "
+           f"({summary['target']:.4f}), and how many seeds' own curves reach it" if "random" in methods else ""))
+    header = (f"{'method':<12} {'HV':>17} {'HV (MACs)':>17} {'HV - random':>17} {'epochs to random HV':>20} "
+              f"{'seeds':>6} {'trials':>7} {'wall s':>7}")
+    say(header)
+    say("-" * len(header))
+    for m in methods:
+        s, sm = summary["methods"][m], macs_summary["methods"][m]
+        mine = [r for r in runs if r["method"] == m]
+        reached = sum(x is not None for x in s["epochs_to_random_hv_per_seed"])
+        delta = s["paired_delta_vs_random"]
+        delta_text = (f"{statistics.mean(delta):+8.4f} ± {statistics.stdev(delta) if len(delta) > 1 else 0.0:<6.4f}"
+                      if delta else "-")
+        say(f"{m:<12} {s['hv_mean']:>8.4f} ± {s['hv_std']:<6.4f} {sm['hv_mean']:>8.4f} ± {sm['hv_std']:<6.4f} "
+            f"{delta_text:>17} {fmt_epochs(s['epochs_to_random_hv'], budget):>20} {f'{reached}/{len(mine)}':>6} "
+            f"{statistics.mean(r['trials'] for r in mine):>7.1f} {statistics.mean(r['wall_s'] for r in mine):>7.0f}")
+    random_front = {}
+    if "random" in methods:
+        objectives = dict(zip(reference, ("max", "min", "min")))  # val_acc, latency_ms, params
+        mine = [r for r in runs if r["method"] == "random"]
+        random_front = {"students": [r["front"] for r in mine], "epochs": [front_epochs(r, objectives) for r in mine]}
+        say(f"random's final fronts: {statistics.mean(random_front['students']):.1f} students whose own training took "
+            f"{statistics.mean(random_front['epochs']):.0f} epochs on average {random_front['epochs']}: a method drawing "
+            f"the same configurations cannot rebuild such a front with less compute")
+
+    verdict = {}
+    if {"random", "nsga2+asha", "nsga2+pasha"} <= set(methods):
+        s = summary["methods"]
+        to_random = s["nsga2+pasha"]["epochs_to_random_hv"]
+        verdict = {
+            "pasha_ge_asha": s["nsga2+pasha"]["hv_mean"] >= s["nsga2+asha"]["hv_mean"],
+            "pasha_ge_random": s["nsga2+pasha"]["hv_mean"] >= s["random"]["hv_mean"],
+            "pasha_reaches_random_in_half": to_random is not None and to_random <= budget / 2,
+        }
+        say("")
+        say("claim: pareto-asha mean HV >= ASHA's: {pasha_ge_asha}; >= random's: {pasha_ge_random}; "
+            "reaches random's final HV within half the budget: {pasha_reaches_random_in_half}".format(**verdict))
+
+    out.mkdir(parents=True, exist_ok=True)
+    png, js = out / f"{tag}.png", out / f"{tag}.json"
+    plot(summary, macs_summary, budget, png,
+         f"digits, {seeds} seeds, budget {budget} epochs, distil epochs {config['epochs'] or 8}, "
+         f"grace {config['grace_period']}, eta {config['reduction_factor']}; mean ± 1 std")
+    js.write_text(json.dumps({"benchmark": "search_quality", "config": config, "elapsed_s": round(elapsed, 1),
+                              "summary": summary, "macs_summary": macs_summary, "random_front": random_front,
+                              "verdict": verdict, "runs": runs}, indent=1))
+    say(f"plot {png}; figures {js}; {elapsed / 60:.1f} min")
+    print(json.dumps({
+        "benchmark": "search_quality", "seeds": seeds, "budget_epochs": budget, "epochs": config["epochs"],
+        "grace_period": config["grace_period"], "reduction_factor": config["reduction_factor"],
+        "elapsed_s": round(elapsed, 1), "reference_point": reference, "random_hv_target": summary["target"],
+        "methods": {m: {"hv_mean": round(s["hv_mean"], 5), "hv_std": round(s["hv_std"], 5),
+                        "hv_macs_mean": round(macs_summary["methods"][m]["hv_mean"], 5),
+                        "paired_delta_vs_random": [round(x, 5) for x in s["paired_delta_vs_random"]],
+                        "epochs_to_random_hv": s["epochs_to_random_hv"]} for m, s in summary["methods"].items()},
+        "random_front_epochs": random_front.get("epochs"), "verdict": verdict, "png": str(png), "json": str(js),
+    }), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 seed, budget 16, 2 distil epochs, grace 1: a check, not a result")
+    parser.add_argument("--seeds", type=int, help="seeds per method (default 3; --quick 1)")
+    parser.add_argument("--budget", type=int, help="training epochs per search, all trials together (default 120; --quick 16)")
+    parser.add_argument("--epochs", type=int, help="distillation epochs per trial (default: the space's 8; --quick 2)")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
+    parser.add_argument("--grace-period", type=int, help="ASHA / pareto-asha grace period (default: the driver's 2; --quick 1)")
+    parser.add_argument("--reduction-factor", type=int, default=3)
+    parser.add_argument("--max-concurrent", type=int, default=2)
+    parser.add_argument("--num-samples", type=int, help="trial cap (default: enough that the budget ends every search)")
+    parser.add_argument("--population", type=int, help="experiment: NSGA-II population size (default: the driver's num_samples // 4)")
+    parser.add_argument("--reuse-actors", action="store_true", help="experiment: let Tune reuse trial actors")
+    parser.add_argument("--ref-latency-ms", type=float, default=1.0, help="reference point's latency_ms (default 1.0)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the PNG and JSON")
+    parser.add_argument("--tag", help="file name stem of the outputs (default search_quality; --quick search_quality_quick)")
+    parser.add_argument("--from-json", help="no searches: summarise, plot and rewrite a JSON this script wrote")
+    args = parser.parse_args()
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        report(saved["runs"], saved["config"], saved["elapsed_s"], Path(args.out), args.tag or Path(args.from_json).stem)
+        return
+    args.tag = args.tag or ("search_quality_quick" if args.quick else "search_quality")
+    args.seeds = args.seeds or (1 if args.quick else 3)
+    args.budget = args.budget or (16 if args.quick else 120)
+    args.epochs = args.epochs or (2 if args.quick else None)
+    args.grace_period = args.grace_period or (1 if args.quick else SearchOptions.grace_period)
+    # a stopped trial has trained at least grace_period epochs: this many trials cannot run out first
+    args.num_samples = args.num_samples or math.ceil(args.budget / args.grace_period) + 2 * args.max_concurrent
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; pick from {list(METHODS)}")
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    stopper = install_exact_budget()
+    adopt_guard = install_adopt_guard()
+    install_population(args.population)
+    install_reuse_actors(args.reuse_actors)
+    started = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix="kdsearch-quality-"))
+    try:
+        from search.tracking import client
+        from trainers.trial import prepare
+
+        tracking_uri = f"sqlite:///{tmp}/mlflow.db"
+        mlflow_client = client(tracking_uri)
+        mlflow_client.create_experiment(EXPERIMENT, artifact_location=(tmp / "artifacts").as_uri())
+        space_path, reference = write_space(tmp, args.ref_latency_ms)
+        with contextlib.redirect_stdout(io.StringIO()):
+            context = prepare(load_space(space_path))
+        teacher = context.targets.footprint
+        macs_reference = {"val_acc": 0.0, "macs": float(teacher["macs"]), "params": reference["params"]}
+        say(f"search quality: {', '.join(methods)} x {args.seeds} seeds, budget {args.budget} epochs per search, "
+            f"distil epochs {args.epochs or 'space default'}, grace {args.grace_period}, eta {args.reduction_factor}, "
+            f"num_samples {args.num_samples}, {args.max_concurrent} at a time")
+        say(f"reference point {reference} (teacher latency now {teacher['latency_ms']:.3f} ms); "
+            f"MACs check: macs {teacher['macs']:,.0f} (the teacher's); budget stopper: {stopper}")
+        runs = []
+        total = len(methods) * args.seeds
+        for seed in range(args.seeds):  # seed-major: machine load drifts over the whole benchmark alike
+            for method in methods:
+                say(f"[{len(runs) + 1:>2}/{total}] {method} seed {seed} ...")
+                run = one_search(method, seed, args, space_path, reference, macs_reference, tmp, tracking_uri)
+                runs.append(run)
+                say(f"        HV {run['hv_budget']:.4f} at {args.budget} epochs (MACs HV {run['hv_macs_budget']:.4f}); "
+                    f"{run['epochs_spent']} epochs spent, {run['trials']} trials: {run['complete']} complete, "
+                    f"{run['pruned']} pruned, {run['failed']} failed, {run['rejected']} rejected; front {run['front']}; "
+                    f"{run['wall_s']:.0f} s")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    config = {"quick": args.quick, "seeds": args.seeds, "budget_epochs": args.budget, "epochs": args.epochs,
+              "methods": {m: METHODS[m] for m in methods}, "grace_period": args.grace_period,
+              "reduction_factor": args.reduction_factor, "max_concurrent": args.max_concurrent,
+              "num_samples": args.num_samples, "population": args.population, "reuse_actors": args.reuse_actors,
+              "reference_point": reference, "macs_reference_point": macs_reference, "budget_stopper": stopper,
+              "adopt_guard": adopt_guard}
+    report(runs, config, time.perf_counter() - started, Path(args.out), args.tag)
+
+
+if __name__ == "__main__":
+    main()
