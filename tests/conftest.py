@@ -33,6 +33,33 @@ def digits_context(digits_space, teacher_cache):
     return prepare(digits_space)
 
 
+def dominates(a, b, objectives) -> bool:
+    """Brute force, independent of search.pareto: a is no worse everywhere and better somewhere."""
+    better = worse = False
+    for metric, direction in objectives.items():
+        x, y = (a[metric], b[metric]) if direction == "max" else (-a[metric], -b[metric])
+        better |= x > y
+        worse |= x < y
+    return better and not worse
+
+
+def cluster_env(state: Path) -> dict:
+    """The environment for cluster/local.sh: a private state dir, no inherited Ray client settings."""
+    env = dict(os.environ)
+    for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        env.pop(var, None)
+    env["KDSEARCH_CLUSTER_DIR"] = str(state)
+    ray_bin = Path(sys.executable).parent / "ray"
+    if ray_bin.exists():
+        env["KDSEARCH_RAY"] = str(ray_bin)
+    # the GCS declares a killed node dead in ~2 s instead of ~15 s
+    env["RAY_health_check_initial_delay_ms"] = "1000"
+    env["RAY_health_check_period_ms"] = "500"
+    env["RAY_health_check_timeout_ms"] = "1000"
+    env["RAY_health_check_failure_threshold"] = "3"
+    return env
+
+
 def write_module(tmp_path: Path, name: str, source: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Write a user module the space file can reference as ``name:attr``."""
     (tmp_path / f"{name}.py").write_text(source)

@@ -19,6 +19,8 @@ import jsonschema
 import pytest
 import yaml
 
+from conftest import cluster_env
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 LOCAL_SH = CLUSTER / "local.sh"
@@ -162,20 +164,6 @@ needs_local_cluster = pytest.mark.skipif(
 )
 
 
-def _script_env(state: Path) -> dict:
-    env = dict(os.environ)
-    for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
-        env.pop(var, None)
-    env["KDSEARCH_CLUSTER_DIR"] = str(state)
-    ray_bin = Path(sys.executable).parent / "ray"
-    if ray_bin.exists():
-        env["KDSEARCH_RAY"] = str(ray_bin)
-    # detect a killed node in ~2 s instead of ~15 s
-    env["RAY_health_check_initial_delay_ms"] = "1000"
-    env["RAY_health_check_period_ms"] = "500"
-    env["RAY_health_check_timeout_ms"] = "1000"
-    env["RAY_health_check_failure_threshold"] = "3"
-    return env
 
 
 def _sh(env, *args, check=True, timeout=180) -> subprocess.CompletedProcess:
@@ -206,7 +194,7 @@ def _session_pids(sid: int) -> list[int]:
 
 
 def _client_env(state: Path, token_path: str | None = None, token: str | None = None) -> dict:
-    env = _script_env(state)
+    env = cluster_env(state)
     env["HOME"] = str(state)  # so no ~/.ray/auth_token of the user's can stand in
     if token_path or token:
         env["RAY_AUTH_MODE"] = "token"
@@ -250,7 +238,7 @@ CLIENT = textwrap.dedent(
 
 @needs_local_cluster
 def test_local_sh_without_cluster(tmp_path):
-    env = _script_env(tmp_path / "state")
+    env = cluster_env(tmp_path / "state")
     assert "kill-worker" in _sh(env, "help").stdout
     assert _sh(env, "status", check=False).returncode == 3
     assert _sh(env, "up", "--workers", "x", check=False).returncode != 0
@@ -261,7 +249,7 @@ def test_local_sh_without_cluster(tmp_path):
 @needs_local_cluster
 def test_local_cluster_lifecycle(tmp_path):
     state = tmp_path / "state"
-    env = _script_env(state)
+    env = cluster_env(state)
     # A process that `ray stop` (or `pkill -f default_worker.py`) would kill but this script did
     # not start: `down` must leave it alone.
     decoy = subprocess.Popen(

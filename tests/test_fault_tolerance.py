@@ -26,7 +26,7 @@ from typing import Optional
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, cluster_env, dominates
 
 LOCAL_SH = ROOT / "cluster" / "local.sh"
 OBJECTIVES = {"val_acc": "max", "latency_ms": "min", "params": "min"}
@@ -60,14 +60,6 @@ def note(msg: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
 
 
-def dominates(a, b, objectives):
-    """Brute force, independent of search.pareto: a is no worse everywhere and better somewhere."""
-    better = worse = False
-    for metric, direction in objectives.items():
-        x, y = (a[metric], b[metric]) if direction == "max" else (-a[metric], -b[metric])
-        better |= x > y
-        worse |= x < y
-    return better and not worse
 
 
 def session_members(sid: int) -> dict[int, str]:
@@ -185,20 +177,6 @@ def check_one_run_per_trial(runs, trial_ids) -> None:
 # --------------------------------------------------------------------------- 1: a worker node dies
 
 
-def _cluster_env(state: Path) -> dict:
-    env = dict(os.environ)
-    for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
-        env.pop(var, None)
-    env["KDSEARCH_CLUSTER_DIR"] = str(state)
-    ray_bin = Path(sys.executable).parent / "ray"
-    if ray_bin.exists():
-        env["KDSEARCH_RAY"] = str(ray_bin)
-    # the GCS declares a killed node dead in ~2 s instead of ~15 s
-    env["RAY_health_check_initial_delay_ms"] = "1000"
-    env["RAY_health_check_period_ms"] = "500"
-    env["RAY_health_check_timeout_ms"] = "1000"
-    env["RAY_health_check_failure_threshold"] = "3"
-    return env
 
 
 def _sh(env: dict, *args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -212,7 +190,7 @@ def _sh(env: dict, *args: str, check: bool = True, timeout: float = 180) -> subp
 def cluster(tmp_path, space_file, teacher_cache):
     """A head (1 CPU) + one worker (1 CPU) from cluster/local.sh; the teacher trains while they start."""
     state = tmp_path / "cluster"
-    env = _cluster_env(state)
+    env = cluster_env(state)
     up = subprocess.Popen(["bash", str(LOCAL_SH), "up", "--workers", "1"], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

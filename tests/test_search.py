@@ -13,19 +13,11 @@ from search.pareto import hypervolume, pareto_front, pareto_mask, reference_poin
 from spaces import SpaceError
 from search.tracking import PARENT_TAG, ROLE_TAG, STATUS_TAG, client, latest_search_run, read_artifact_json
 
-from conftest import ROOT
+from conftest import ROOT, dominates
 
 OBJECTIVES = {"val_acc": "max", "latency_ms": "min", "params": "min"}
 
 
-def dominates(a, b, objectives):
-    """Brute force, written independently of search.pareto: a is no worse everywhere and better somewhere."""
-    better = worse = False
-    for metric, direction in objectives.items():
-        x, y = (a[metric], b[metric]) if direction == "max" else (-a[metric], -b[metric])
-        better |= x > y
-        worse |= x < y
-    return better and not worse
 
 
 # --------------------------------------------------------------------------- unit: front and hypervolume
