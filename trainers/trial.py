@@ -24,7 +24,7 @@ from trainers.checkpoint import save_student
 from trainers.compress import prune_student, recalibrate_batchnorm
 from trainers.data import DataBundle, batches, load_data
 from trainers.loop import TrialDiverged, cosine_lr, make_optimizer, steps_per_epoch, train_epoch
-from trainers.losses import DistillLoss, Outputs, build_distill_loss
+from trainers.losses import DistillLoss, Outputs, build_distill_loss, kd_loss
 from trainers.measure import Latency, accuracy, count_macs, count_params, measure_latency
 from trainers.quantize import get_quantizer
 from trainers.teachers import TeacherTargets, compute_targets, load_teacher
@@ -228,8 +228,6 @@ def run_trial(space: Space, params: dict[str, Any], report: Optional[Report] = N
 
 def _batch_loss(model: nn.Module, data: DataBundle, targets: TeacherTargets, config: TrialConfig, device: str) -> torch.Tensor:
     """Logit-KD loss on one training batch: the gradient signal Taylor importance needs."""
-    from trainers.losses import kd_loss
-
     idx, x, y = next(batches(data.train, config.train.batch_size, shuffle=True))
     x, y = x.to(device), y.to(device)
     return kd_loss(model(x), targets.logits[idx].to(device), y, config.distill.temperature, config.distill.alpha)
