@@ -369,11 +369,13 @@ def test_ui_serves_the_store_and_stops_on_ctrl_c(store, tmp_path):
         assert http_status(f"{base}/") == 200
         search = f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name={EXPERIMENT}"
         assert http_status(search) == 200
+        # the link is printed once the UI has seen /health answer too; Ctrl-C only after that
+        link = proc.stdout.readline().strip()
     finally:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    assert ui_link(base, store.experiment_id) in out.splitlines()
+    assert link == ui_link(base, store.experiment_id)
     assert "Uvicorn" not in err and "INFO" not in err  # the server's banner stays out of sight
     assert http_status(f"{base}/health") == 0
 
