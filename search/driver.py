@@ -270,9 +270,7 @@ def run_search(options: SearchOptions, echo: Callable[[str], None] = echo) -> Se
 
     params = {k: v for k, v in asdict(options).items() if v is not None}
     mlflow_client.log_batch(parent_id, params=[Param(k, str(v)) for k, v in params.items()])
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "space.yaml").write_text(space.text)
-        mlflow_client.log_artifact(parent_id, str(Path(tmp) / "space.yaml"))
+    mlflow_client.log_text(parent_id, space.text, "space.yaml")
     if "://" not in path:
         Path(path).mkdir(parents=True, exist_ok=True)
         (Path(path) / RESUME_FILE).write_text(json.dumps(

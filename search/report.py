@@ -7,10 +7,6 @@ import itertools
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-#: the knobs the front table shows next to the objectives
-KEY_KNOBS = ("distill.temperature", "distill.alpha", "distill.hint_stages", "compress.prune_ratio", "compress.quantize")
-
-
 def architecture(config: Mapping[str, Any]) -> str:
     """A short description of a student: its family and knobs, e.g. ``cnn(stages=2,channels=16)``."""
     family = config.get("student.family", "?")

@@ -100,14 +100,7 @@ def log_metrics(c, run_id: str, metrics: Mapping[str, Any], step: int = 0) -> No
 
 
 def log_json(c, run_id: str, name: str, payload: Any) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        path.write_text(json.dumps(payload, indent=2, default=str))
-        c.log_artifact(run_id, str(path))
-
-
-def log_file(c, run_id: str, path: str | Path, artifact_path: Optional[str] = None) -> None:
-    c.log_artifact(run_id, str(path), artifact_path)
+    c.log_text(run_id, json.dumps(payload, indent=2, default=str), name)
 
 
 def latest_search_run(c, experiment: str, run_id: Optional[str] = None):
