@@ -25,16 +25,11 @@ trial joins the front when its last result arrives, with the objective values of
 is the method's figure; its final value is checked against ``SearchResult.hypervolume``. A
 second hypervolume uses MACs instead of latency (deterministic: no timing noise) as a check.
 
-Two stand-ins, installed in this process only and named in the JSON's config: when
-``search.driver.EpochBudget`` is not a ``ray.tune.Stopper`` that counts each epoch once (Tune
-rejects it, and it counts the result Tune repeats when a trial returns), an exact stopper takes
-its place; and ``SearchRecorder.adopt`` skips trials that never reported (``config`` None).
-
 Per method: mean +- std HV at the budget, and the compute at which the mean curve first
 reaches random search's mean HV at the budget. Plot: ``benchmarks/results/search_quality.png``;
 figures: ``benchmarks/results/search_quality.json``. Last line is one JSON object.
 
-    python benchmarks/search_quality.py [--quick] [--seeds 3] [--budget 120] [--epochs N]
+    python benchmarks/search_quality.py [--quick] [--seeds 3] [--budget 240] [--epochs N]
     python benchmarks/search_quality.py --from-json benchmarks/results/search_quality.json   # table + plot again
 """
 
@@ -63,7 +58,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from search import driver  # noqa: E402
 from search.driver import SearchOptions, run_search  # noqa: E402
 from search.pareto import hypervolume  # noqa: E402
 from spaces import load_space  # noqa: E402
@@ -80,115 +74,6 @@ EXPERIMENT = "search-quality"
 
 def say(msg: str) -> None:
     print(msg, flush=True)
-
-
-# --------------------------------------------------------------------------- the budget stopper
-
-
-def budget_counts_exactly(cls: type) -> bool:
-    """Whether the driver's budget stopper is a Tune Stopper that counts each epoch once.
-
-    Tune refuses a stopper object that is not a ``ray.tune.Stopper`` subclass, and it calls
-    the stopper a second time with a trial's last result when a function trainable returns
-    (the "duplicate" result), so a counter of calls overcounts by one per finished trial.
-    """
-    from ray.tune import Stopper
-
-    try:
-        stopper = cls(2)
-        if not isinstance(stopper, Stopper):
-            return False
-        last = {"epoch": 1}
-        stopper("t", last)
-        stopper("t", {**last, "done": True})  # the duplicate Tune sends when the trainable returns
-        return not stopper.stop_all()
-    except Exception:
-        return False
-
-
-def install_exact_budget() -> str:
-    """Use the driver's own stopper when it is exact, else a drop-in that counts (trial, epoch) pairs."""
-    from ray.tune import Stopper
-
-    if budget_counts_exactly(driver.EpochBudget):
-        return "search.driver.EpochBudget"
-
-    class ExactEpochBudget(Stopper):
-        """End the search once the trials together have trained ``budget`` epochs, each counted once."""
-
-        def __init__(self, budget: int) -> None:
-            self.budget, self.seen = budget, set()
-
-        @property
-        def spent(self) -> int:
-            return len(self.seen)
-
-        def __call__(self, trial_id: str, result: dict) -> bool:
-            epoch = result.get("epoch", result.get("training_iteration"))
-            if epoch is not None:
-                self.seen.add((trial_id, int(epoch)))
-            return False
-
-        def stop_all(self) -> bool:
-            return self.spent >= self.budget
-
-    driver.EpochBudget = ExactEpochBudget
-    return "benchmark ExactEpochBudget (search.driver.EpochBudget is not an exact Tune Stopper)"
-
-
-def install_adopt_guard() -> str | None:
-    """Skip never-reported trials in ``SearchRecorder.adopt`` (work in progress in the tree).
-
-    A trial that Tune created but that had not reported when the budget stopped the search
-    comes back in the ResultGrid with ``config`` None, and ``adopt`` then fails on
-    ``config.items()``; such a trial trained nothing and has nothing to adopt.
-    """
-    from search.recorder import SearchRecorder
-
-    adopt = getattr(SearchRecorder, "adopt", None)
-    if adopt is None:
-        return None
-
-    def guarded(self, results):
-        return adopt(self, [result for result in results if result.config is not None])
-
-    SearchRecorder.adopt = guarded
-    return "SearchRecorder.adopt skips results with config None"
-
-
-def install_population(size: int | None) -> None:
-    """Experiment knob: a fixed NSGA-II population instead of the driver's num_samples // 4."""
-    if not size:
-        return
-    import optuna
-
-    from search import searchers
-
-    original = searchers.make_sampler
-
-    def make_sampler(name: str, seed: int, num_samples: int):
-        if name == "nsga2":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return optuna.samplers.NSGAIISampler(seed=seed, population_size=size)
-        return original(name, seed, num_samples)
-
-    searchers.make_sampler = make_sampler
-
-
-def install_reuse_actors(on: bool) -> None:
-    """Experiment knob: Tune reuses trial actors (the driver sets reuse_actors=False)."""
-    if not on:
-        return
-    from ray import tune
-
-    original = tune.TuneConfig
-
-    def tune_config(*args, **kwargs):
-        kwargs["reuse_actors"] = True
-        return original(*args, **kwargs)
-
-    tune.TuneConfig = tune_config
 
 
 # --------------------------------------------------------------------------- one search
@@ -467,15 +352,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, budget 16, 2 distil epochs, grace 1: a check, not a result")
     parser.add_argument("--seeds", type=int, help="seeds per method (default 3; --quick 1)")
-    parser.add_argument("--budget", type=int, help="training epochs per search, all trials together (default 120; --quick 16)")
+    parser.add_argument("--budget", type=int, help="training epochs per search, all trials together (default 240; --quick 16)")
     parser.add_argument("--epochs", type=int, help="distillation epochs per trial (default: the space's 8; --quick 2)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
-    parser.add_argument("--grace-period", type=int, help="ASHA / pareto-asha grace period (default: the driver's 2; --quick 1)")
+    parser.add_argument("--grace-period", type=int, help="ASHA / pareto-asha grace period (default: the driver's, 1)")
     parser.add_argument("--reduction-factor", type=int, default=3)
     parser.add_argument("--max-concurrent", type=int, default=2)
     parser.add_argument("--num-samples", type=int, help="trial cap (default: enough that the budget ends every search)")
-    parser.add_argument("--population", type=int, help="experiment: NSGA-II population size (default: the driver's num_samples // 4)")
-    parser.add_argument("--reuse-actors", action="store_true", help="experiment: let Tune reuse trial actors")
     parser.add_argument("--ref-latency-ms", type=float, default=1.0, help="reference point's latency_ms (default 1.0)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the PNG and JSON")
     parser.add_argument("--tag", help="file name stem of the outputs (default search_quality; --quick search_quality_quick)")
@@ -487,9 +370,9 @@ def main() -> None:
         return
     args.tag = args.tag or ("search_quality_quick" if args.quick else "search_quality")
     args.seeds = args.seeds or (1 if args.quick else 3)
-    args.budget = args.budget or (16 if args.quick else 120)
+    args.budget = args.budget or (16 if args.quick else 240)
     args.epochs = args.epochs or (2 if args.quick else None)
-    args.grace_period = args.grace_period or (1 if args.quick else SearchOptions.grace_period)
+    args.grace_period = args.grace_period or SearchOptions.grace_period
     # a stopped trial has trained at least grace_period epochs: this many trials cannot run out first
     args.num_samples = args.num_samples or math.ceil(args.budget / args.grace_period) + 2 * args.max_concurrent
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -499,10 +382,6 @@ def main() -> None:
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     logging.getLogger("ray").setLevel(logging.ERROR)
-    stopper = install_exact_budget()
-    adopt_guard = install_adopt_guard()
-    install_population(args.population)
-    install_reuse_actors(args.reuse_actors)
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="kdsearch-quality-"))
     try:
@@ -521,7 +400,7 @@ def main() -> None:
             f"distil epochs {args.epochs or 'space default'}, grace {args.grace_period}, eta {args.reduction_factor}, "
             f"num_samples {args.num_samples}, {args.max_concurrent} at a time")
         say(f"reference point {reference} (teacher latency now {teacher['latency_ms']:.3f} ms); "
-            f"MACs check: macs {teacher['macs']:,.0f} (the teacher's); budget stopper: {stopper}")
+            f"MACs check: macs {teacher['macs']:,.0f} (the teacher's)")
         runs = []
         total = len(methods) * args.seeds
         for seed in range(args.seeds):  # seed-major: machine load drifts over the whole benchmark alike
@@ -538,9 +417,8 @@ def main() -> None:
     config = {"quick": args.quick, "seeds": args.seeds, "budget_epochs": args.budget, "epochs": args.epochs,
               "methods": {m: METHODS[m] for m in methods}, "grace_period": args.grace_period,
               "reduction_factor": args.reduction_factor, "max_concurrent": args.max_concurrent,
-              "num_samples": args.num_samples, "population": args.population, "reuse_actors": args.reuse_actors,
-              "reference_point": reference, "macs_reference_point": macs_reference, "budget_stopper": stopper,
-              "adopt_guard": adopt_guard}
+              "num_samples": args.num_samples,
+              "reference_point": reference, "macs_reference_point": macs_reference}
     report(runs, config, time.perf_counter() - started, Path(args.out), args.tag)
 
 

@@ -43,7 +43,7 @@ class SearchOptions:
     scheduler: str = "pareto-asha"
     max_failures: int = 3
     epochs: Optional[int] = None
-    grace_period: int = 2
+    grace_period: int = 1  # ASHA's default: a trial stopped at the first rung costs one epoch
     reduction_factor: int = 3
     name: Optional[str] = None
     budget_epochs: Optional[int] = None
@@ -220,6 +220,16 @@ class ConstraintCheck:
         return None
 
 
+def planned_trials(options: SearchOptions, max_t: int) -> int:
+    """How many trials the search can finish: ``num_samples``, or fewer when an epoch budget ends it first.
+
+    Samplers size their generations from it, so that a budget-bound search still evolves.
+    """
+    if options.budget_epochs:
+        return max(1, min(options.num_samples, options.budget_epochs // max_t))
+    return options.num_samples
+
+
 def start_ray(address: Optional[str]) -> None:
     import ray
 
@@ -335,14 +345,15 @@ def _drive(space: Space, options: SearchOptions, mlflow_client, exp_id: str, par
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
             tuner._local_tuner.get_run_config().callbacks = [recorder]  # the pickled recorder is stale
         else:
-            searcher = KDSearch(space, make_sampler(options.searcher, options.seed, options.num_samples), is_final,
+            searcher = KDSearch(space, make_sampler(options.searcher, options.seed, planned_trials(options, max_t)), is_final,
                                 ConstraintCheck(space, context.data.input_shape, context.data.num_classes))
             recorder.rejected = lambda: len(searcher.rejected)
             scheduler = make_scheduler(options.scheduler, space, max_t, options.grace_period, options.reduction_factor)
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=options.num_samples,
-                                            max_concurrent_trials=options.max_concurrent, reuse_actors=False),
+                                            max_concurrent_trials=options.max_concurrent,
+                                            reuse_actors=True),  # a new actor per trial doubles wall time on small trials
                 run_config=tune.RunConfig(
                     name=Path(path).name, storage_path=str(Path(path).parent) if "://" not in path else path.rsplit("/", 1)[0],
                     verbose=0, callbacks=[recorder],
