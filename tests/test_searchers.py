@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import yaml
 from optuna.trial import TrialState
-
 from ray.tune.stopper import Stopper
 
 from search.driver import ConstraintCheck, EpochBudget, scheduler_objectives
