@@ -220,16 +220,6 @@ class ConstraintCheck:
         return None
 
 
-def planned_trials(options: SearchOptions, max_t: int) -> int:
-    """How many trials the search can finish: ``num_samples``, or fewer when an epoch budget ends it first.
-
-    Samplers size their generations from it, so that a budget-bound search still evolves.
-    """
-    if options.budget_epochs:
-        return max(1, min(options.num_samples, options.budget_epochs // max_t))
-    return options.num_samples
-
-
 def start_ray(address: Optional[str]) -> None:
     import ray
 
@@ -345,7 +335,7 @@ def _drive(space: Space, options: SearchOptions, mlflow_client, exp_id: str, par
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
             tuner._local_tuner.get_run_config().callbacks = [recorder]  # the pickled recorder is stale
         else:
-            searcher = KDSearch(space, make_sampler(options.searcher, options.seed, planned_trials(options, max_t)), is_final,
+            searcher = KDSearch(space, make_sampler(options.searcher, options.seed, options.num_samples), is_final,
                                 ConstraintCheck(space, context.data.input_shape, context.data.num_classes))
             recorder.rejected = lambda: len(searcher.rejected)
             scheduler = make_scheduler(options.scheduler, space, max_t, options.grace_period, options.reduction_factor)

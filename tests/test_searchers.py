@@ -60,11 +60,3 @@ def test_epoch_budget_counts_each_trial_epoch_once():
     budget("a", {"epoch": 2})
     assert budget.stop_all()
 
-
-def test_budget_bound_search_sizes_generations_from_the_budget():
-    from search.driver import SearchOptions, planned_trials
-
-    # 240 epochs of 11-epoch trials finish at most 21 trials, however high num_samples is set
-    assert planned_trials(SearchOptions(num_samples=244, budget_epochs=240), max_t=11) == 21
-    assert planned_trials(SearchOptions(num_samples=24), max_t=11) == 24
-    assert planned_trials(SearchOptions(num_samples=10, budget_epochs=1000), max_t=11) == 10
