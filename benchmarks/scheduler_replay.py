@@ -4,7 +4,8 @@
 shortfall comes from the scheduler, the sampler or noise. This replays the real scheduler
 classes (``ParetoASHA``, Ray Tune's ``ASHAScheduler``) on a pool of trials that a real
 random search trained to the end, with their per-epoch ``val_acc`` and their final accuracy,
-params and quiet-phase latency: each replayed search draws trials from the pool at random
+params, quiet-phase latency and the latency measured during the search (which is what
+the scheduler sees): each replayed search draws trials from the pool at random
 (random search, as NSGA-II's first generation is), runs two at a time one epoch per step,
 and asks the scheduler after every epoch. Hundreds of replays per method take seconds.
 
@@ -38,6 +39,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from search.pareto import hypervolume  # noqa: E402
+from search_quality import at  # noqa: E402  (benchmarks/ is the script's folder)
 
 POOL = ROOT / "benchmarks" / "results" / "replay_pool.json"
 OBJECTIVES = {"val_acc": "max", "latency_ms": "min", "params": "min"}
@@ -70,6 +72,7 @@ def record(count: int, path: Path, seed: int) -> None:
             pool.append({"trial": run.info.run_name, "curve": [by_epoch[e] for e in sorted(by_epoch)],
                          "params": float(row["params"]), "macs": float(row["macs"]),
                          "val_acc": float(row["val_acc"]), "latency_ms": float(row["latency_ms"]),
+                         "latency_ms_search": float(row["latency_ms_search"]),
                          "config": {k: v for k, v in run.data.params.items()
                                     if k.split(".")[0] in ("student", "compress")}})
     path.write_text(json.dumps({"reference_point": result.reference, "seed": seed, "trials": pool}))
@@ -118,7 +121,9 @@ def replay(pool: list[dict[str, Any]], scheduler: Optional[Any], budget: int, se
         item[1] += 1
         spent += 1
         epoch = item[1]
-        result = {"epoch": epoch, "val_acc": record["curve"][epoch - 1], "macs": record["macs"], "params": record["params"]}
+        # what a trial reports each epoch; its latency as measured during a search (other trials training)
+        result = {"epoch": epoch, "val_acc": record["curve"][epoch - 1], "macs": record["macs"], "params": record["params"],
+                  "latency_ms": record["latency_ms_search"]}
         final = epoch >= len(record["curve"])
         action = "CONTINUE" if scheduler is None or final else scheduler.on_trial_result(None, trial, result)
         if final or action == "STOP":
@@ -131,30 +136,22 @@ def replay(pool: list[dict[str, Any]], scheduler: Optional[Any], budget: int, se
     return curve
 
 
-def step_value(curve: list[tuple[int, float]], compute: int) -> float:
-    value = 0.0
-    for spent, hv in curve:
-        if spent > compute:
-            break
-        value = hv
-    return value
-
-
 def methods(pool: list[dict[str, Any]], reference: dict[str, float], box: float, max_t: int) -> dict[str, Callable[[], Any]]:
     from ray.tune.schedulers import ASHAScheduler
 
     from search.schedulers import ParetoASHA
 
-    def pasha(grace: int) -> Callable[[], Any]:
-        return lambda: ParetoASHA(objectives={"val_acc": "max", "macs": "min", "params": "min"}, time_attr="epoch",
+    def pasha(grace: int, latency: str = "latency_ms") -> Callable[[], Any]:
+        return lambda: ParetoASHA(objectives={"val_acc": "max", latency: "min", "params": "min"}, time_attr="epoch",
                                   grace_period=grace, reduction_factor=3, max_t=max_t)
 
     return {
         "random": lambda: None,
         "asha": lambda: ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max", grace_period=1,
                                       reduction_factor=3, max_t=max_t),
-        "pareto-asha grace 2": pasha(2),
-        "pareto-asha grace 1": pasha(1),
+        "pareto-asha macs g2": pasha(2, "macs"),
+        "pareto-asha macs g1": pasha(1, "macs"),
+        "pareto-asha g1": pasha(1),
         "oracle": lambda: Oracle(pool, reference, box, delta=0.002),
     }
 
@@ -182,7 +179,7 @@ def main() -> None:
         curves = {}
         for name, make in methods(pool, reference, box, max_t).items():
             runs = [replay(pool, make(), budget, seed, reference) for seed in range(args.replays)]
-            curves[name] = np.array([[step_value(run, c) for c in grid] for run in runs]) / box
+            curves[name] = np.array([[at(run, c) for c in grid] for run in runs]) / box
         target = curves["random"].mean(axis=0)[-1]
         print(f"\nbudget {budget} epochs: random search's mean HV {target:.4f}")
         print(f"{'method':<22} {'HV':>7} {'HV at half':>10} {'epochs to random HV':>20}")

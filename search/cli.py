@@ -72,7 +72,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
     _echo(f"teacher: {context.targets.description}, val_acc {context.targets.val_acc:.4f}")
 
     def progress(metrics: dict[str, Any], state: Any = None) -> None:
-        if "latency_ms" not in metrics:
+        if "size_bytes" not in metrics:  # the last report is printed whole below
             _echo(f"  epoch {metrics['epoch']:>3}  {metrics['phase']:<8} loss {metrics['train_loss']:.4f}  val_acc {metrics['val_acc']:.4f}")
 
     try:

@@ -47,7 +47,7 @@ def test_early_stopped_trial_is_pruned_in_optuna_and_full_one_complete():
 
 def test_pareto_asha_ranks_on_per_epoch_proxies():
     space = tight_space(60000)
-    assert scheduler_objectives(space) == (["val_acc", "macs", "params"], ["max", "min", "min"])
+    assert scheduler_objectives(space) == (["val_acc", "latency_ms", "params"], ["max", "min", "min"])
 
 
 def test_epoch_budget_counts_each_trial_epoch_once():

@@ -37,11 +37,32 @@ def test_short_trial_learns_digits_and_measures_everything(digits_space, digits_
     assert accuracy(untrained, digits_context.data.val) < 0.3
     assert result["val_acc"] >= 0.9
     assert [r["epoch"] for r in reports] == [1, 2, 3, 4]
-    assert all("latency_ms" not in r for r in reports[:-1]) and "latency_ms" in reports[-1]
+    # latency is the deployed structure's, known before training: every epoch carries the same figure
+    assert len({r["latency_ms"] for r in reports}) == 1 and reports[0]["latency_ms"] == result["latency_ms"]
+    assert all("size_bytes" not in r for r in reports[:-1]) and "size_bytes" in reports[-1]
     for key in ("params", "macs", "size_bytes", "latency_ms", "latency_iqr_ms", "train_seconds"):
         assert result[key] > 0, key
     assert result["latency_runs"] >= 30 and result["latency_threads"] == 1
     assert result["params"] == sum(p.numel() for p in untrained.parameters())
+
+
+def test_latency_is_measured_once_before_training_on_the_shipped_structure(digits_space, digits_context, tmp_path):
+    from trainers.checkpoint import load_student
+    from trainers.measure import measure_latency
+
+    measured, reports = [], []
+
+    def latency_fn(model, example, artifact):
+        measured.append((len(reports), {k: tuple(v.shape) for k, v in model.state_dict().items() if hasattr(v, "shape")}))
+        return measure_latency(model, example, runs=30, warmup=3)
+
+    config = params(digits_space, {**SMALL_CNN, "compress.prune_ratio": 0.5, "compress.quantize": "static_int8"})
+    resolved = digits_space.resolve(config)
+    run_trial(digits_space, config, lambda m, state=None: reports.append(m), context=digits_context, epochs=2,
+              artifact_dir=tmp_path, latency_fn=latency_fn)
+    assert [when for when, _ in measured] == [0]  # once, before the first epoch
+    shipped, _ = load_student(tmp_path / "student.pt", lambda: digits_space.build_student(resolved, (1, 8, 8), 10))
+    assert measured[0][1] == {k: tuple(v.shape) for k, v in shipped.state_dict().items() if hasattr(v, "shape")}
 
 
 def test_feature_hints_train_with_adapters(digits_space, digits_context):

@@ -92,6 +92,24 @@ def expected_footprint(space: Space, config: TrialConfig, input_shape: tuple[int
     return {"params": count_params(model), "macs": count_macs(model, example)}
 
 
+def deployed_latency(student: nn.Module, config: TrialConfig, example: torch.Tensor, calib: list[torch.Tensor],
+                     meta: dict[str, Any], latency_fn: LatencyFn) -> Latency:
+    """Latency of the student as it will ship (pruned, quantized), measured on an untrained copy.
+
+    Latency depends on the compressed architecture, not on the weights, so it is measured
+    before training: every epoch's report then carries the real objective, and the scheduler
+    ranks on it instead of a MACs proxy. The trained student has the same structure.
+    """
+    model = copy.deepcopy(student).cpu().eval()
+    if config.compress.prune_ratio > 0:
+        model = prune_student(model, config.compress.prune_ratio, "l1", example)
+    model = get_quantizer(config.compress.quantize).quantize(model, calib, example)
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact = Path(tmp) / "student.pt"
+        save_student(model, artifact, meta=meta)
+        return latency_fn(model, example, artifact)
+
+
 class _Distiller:
     """Student + loss + optimiser for one phase (distillation, or fine-tuning after pruning)."""
 
@@ -145,8 +163,9 @@ def run_trial(space: Space, params: dict[str, Any], report: Optional[Report] = N
               resume: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Distil, compress and measure one student; return its final metrics.
 
-    ``report(metrics)`` is called after every epoch with ``val_acc`` and ``epoch`` (plus the
-    expected ``params``/``macs``); the last call also carries size and latency. With
+    ``report(metrics)`` is called after every epoch with ``val_acc`` and ``epoch``, plus the
+    deployed student's ``params``, ``macs`` and latency, known before training; the last call
+    also carries its size on disk. With
     ``checkpoint_state`` each distillation epoch's report also gets ``state=`` (a dict of
     tensors) that ``resume=`` accepts to continue a trial where it stopped.
     """
@@ -158,6 +177,13 @@ def run_trial(space: Space, params: dict[str, Any], report: Optional[Report] = N
     torch.manual_seed(seed)
     student = space.build_student(config, data.input_shape, data.num_classes).to(device)
     footprint = expected_footprint(space, config, data.input_shape, data.num_classes)
+    example = context.example
+    calib = [x for _, (_, x, _) in zip(range(config.compress.calib_batches),
+                                       batches(data.train, config.train.batch_size, shuffle=True, seed=seed))]
+    meta = {"params": config.params, "family": config.family, "input_shape": list(data.input_shape),
+            "num_classes": data.num_classes}
+    latency = deployed_latency(student, config, example, calib, meta, latency_fn)
+    footprint.update(latency.as_metrics())
     distil_epochs = epochs or config.train.epochs
     prune = config.compress.prune_ratio > 0
     finetune_epochs = config.compress.finetune_epochs if prune else 0
@@ -183,9 +209,7 @@ def run_trial(space: Space, params: dict[str, Any], report: Optional[Report] = N
         epoch_done(epoch + 1, loss, "distill", distiller.state(epoch + 1) if checkpoint_state else None)
     distilled_acc = accuracy(student, data.val, device=device)
 
-    example = context.example.to(device)
-    calib = [x for _, (_, x, _) in zip(range(config.compress.calib_batches),
-                                       batches(data.train, config.train.batch_size, shuffle=True, seed=seed))]
+    example = example.to(device)
     if prune:
         targets = context.targets
         student = prune_student(student, config.compress.prune_ratio, config.compress.prune_criterion, example,
@@ -205,10 +229,7 @@ def run_trial(space: Space, params: dict[str, Any], report: Optional[Report] = N
     with tempfile.TemporaryDirectory() as tmp:
         artifact = Path(artifact_dir or tmp) / "student.pt"
         artifact.parent.mkdir(parents=True, exist_ok=True)
-        size_bytes = save_student(student, artifact, meta={"params": config.params, "family": config.family,
-                                                           "input_shape": list(data.input_shape),
-                                                           "num_classes": data.num_classes})
-        latency = latency_fn(student, example, artifact)
+        size_bytes = save_student(student, artifact, meta=meta)
     final = {
         **pending,
         "epoch": last_epoch,
