@@ -165,9 +165,9 @@ def run_trial(space: Space, params: dict[str, Any], report: Optional[Report] = N
 
     ``report(metrics)`` is called after every epoch with ``val_acc`` and ``epoch``, plus the
     deployed student's ``params``, ``macs`` and latency, known before training; the last call
-    also carries its size on disk. With
-    ``checkpoint_state`` each distillation epoch's report also gets ``state=`` (a dict of
-    tensors) that ``resume=`` accepts to continue a trial where it stopped.
+    also carries its size on disk. With ``checkpoint_state`` each distillation epoch's report
+    also gets ``state=`` (a dict of tensors) that ``resume=`` accepts to continue a trial
+    where it stopped.
     """
     started = time.perf_counter()
     config = space.resolve(params)
