@@ -82,8 +82,8 @@ def record(count: int, path: Path, seed: int) -> None:
 class Oracle:
     """Stops a trial at its first epoch unless its FINAL point raises the HV by more than ``delta``."""
 
-    def __init__(self, pool: list[dict[str, Any]], reference: dict[str, float], box: float, delta: float) -> None:
-        self.pool, self.reference, self.box, self.delta = pool, reference, box, delta
+    def __init__(self, reference: dict[str, float], box: float, delta: float) -> None:
+        self.reference, self.box, self.delta = reference, box, delta
         self.kept: list[dict[str, Any]] = []
 
     def on_trial_add(self, controller: Any, trial: Any) -> None:
@@ -136,7 +136,7 @@ def replay(pool: list[dict[str, Any]], scheduler: Optional[Any], budget: int, se
     return curve
 
 
-def methods(pool: list[dict[str, Any]], reference: dict[str, float], box: float, max_t: int) -> dict[str, Callable[[], Any]]:
+def methods(reference: dict[str, float], box: float, max_t: int) -> dict[str, Callable[[], Any]]:
     from ray.tune.schedulers import ASHAScheduler
 
     from search.schedulers import ParetoASHA
@@ -152,7 +152,7 @@ def methods(pool: list[dict[str, Any]], reference: dict[str, float], box: float,
         "pareto-asha macs g2": pasha(2, "macs"),
         "pareto-asha macs g1": pasha(1, "macs"),
         "pareto-asha g1": pasha(1),
-        "oracle": lambda: Oracle(pool, reference, box, delta=0.002),
+        "oracle": lambda: Oracle(reference, box, delta=0.002),
     }
 
 
@@ -177,7 +177,7 @@ def main() -> None:
     for budget in (int(b) for b in args.budgets.split(",")):
         grid = np.arange(budget + 1)
         curves = {}
-        for name, make in methods(pool, reference, box, max_t).items():
+        for name, make in methods(reference, box, max_t).items():
             runs = [replay(pool, make(), budget, seed, reference) for seed in range(args.replays)]
             curves[name] = np.array([[at(run, c) for c in grid] for run in runs]) / box
         target = curves["random"].mean(axis=0)[-1]

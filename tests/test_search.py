@@ -18,8 +18,6 @@ from conftest import ROOT, dominates
 OBJECTIVES = {"val_acc": "max", "latency_ms": "min", "params": "min"}
 
 
-
-
 # --------------------------------------------------------------------------- unit: front and hypervolume
 
 

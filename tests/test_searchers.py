@@ -59,4 +59,3 @@ def test_epoch_budget_counts_each_trial_epoch_once():
     assert budget.spent == 2 and not budget.stop_all()
     budget("a", {"epoch": 2})
     assert budget.stop_all()
-

@@ -78,36 +78,40 @@ def prepare(space: Space) -> TrialContext:
     return TrialContext(data, targets)
 
 
+def pruned_structure(model: nn.Module, config: TrialConfig, example: torch.Tensor) -> nn.Module:
+    """``model`` pruned as the trial will prune it: the same channel counts whatever the weights."""
+    if config.compress.prune_ratio > 0:
+        return prune_student(model, config.compress.prune_ratio, "l1", example)
+    return model
+
+
 def expected_footprint(space: Space, config: TrialConfig, input_shape: tuple[int, ...], num_classes: int) -> dict[str, int]:
     """Params and MACs of the student after pruning, known from the architecture before training.
 
     Pruning removes the same number of channels per layer whatever the weights, so pruning a
-    freshly built copy gives the trained student's footprint: the driver can check constraints
-    and the scheduler can rank on size from the first epoch.
+    freshly built copy gives the trained student's footprint: the driver checks constraints
+    with it before launch.
     """
-    model = space.build_student(config, input_shape, num_classes)
     example = torch.zeros(1, *input_shape)
-    if config.compress.prune_ratio > 0:
-        model = prune_student(model, config.compress.prune_ratio, "l1", example)
+    model = pruned_structure(space.build_student(config, input_shape, num_classes), config, example)
     return {"params": count_params(model), "macs": count_macs(model, example)}
 
 
-def deployed_latency(student: nn.Module, config: TrialConfig, example: torch.Tensor, calib: list[torch.Tensor],
-                     meta: dict[str, Any], latency_fn: LatencyFn) -> Latency:
-    """Latency of the student as it will ship (pruned, quantized), measured on an untrained copy.
+def deployed_footprint(student: nn.Module, config: TrialConfig, example: torch.Tensor, calib: list[torch.Tensor],
+                       meta: dict[str, Any], latency_fn: LatencyFn) -> tuple[dict[str, int], Latency]:
+    """Params, MACs and latency of the student as it will ship (pruned, quantized), from an untrained copy.
 
-    Latency depends on the compressed architecture, not on the weights, so it is measured
-    before training: every epoch's report then carries the real objective, and the scheduler
-    ranks on it instead of a MACs proxy. The trained student has the same structure.
+    They depend on the compressed architecture, not on the weights, so they are known
+    before training: every epoch's report carries the real latency, and the scheduler ranks
+    on it instead of a MACs proxy. The trained student has the same structure.
     """
-    model = copy.deepcopy(student).cpu().eval()
-    if config.compress.prune_ratio > 0:
-        model = prune_student(model, config.compress.prune_ratio, "l1", example)
+    model = pruned_structure(copy.deepcopy(student).cpu().eval(), config, example)
+    footprint = {"params": count_params(model), "macs": count_macs(model, example)}
     model = get_quantizer(config.compress.quantize).quantize(model, calib, example)
     with tempfile.TemporaryDirectory() as tmp:
         artifact = Path(tmp) / "student.pt"
         save_student(model, artifact, meta=meta)
-        return latency_fn(model, example, artifact)
+        return footprint, latency_fn(model, example, artifact)
 
 
 class _Distiller:
@@ -176,13 +180,12 @@ def run_trial(space: Space, params: dict[str, Any], report: Optional[Report] = N
     emit = report or (lambda metrics, state=None: None)
     torch.manual_seed(seed)
     student = space.build_student(config, data.input_shape, data.num_classes).to(device)
-    footprint = expected_footprint(space, config, data.input_shape, data.num_classes)
     example = context.example
     calib = [x for _, (_, x, _) in zip(range(config.compress.calib_batches),
                                        batches(data.train, config.train.batch_size, shuffle=True, seed=seed))]
     meta = {"params": config.params, "family": config.family, "input_shape": list(data.input_shape),
             "num_classes": data.num_classes}
-    latency = deployed_latency(student, config, example, calib, meta, latency_fn)
+    footprint, latency = deployed_footprint(student, config, example, calib, meta, latency_fn)
     footprint.update(latency.as_metrics())
     distil_epochs = epochs or config.train.epochs
     prune = config.compress.prune_ratio > 0
