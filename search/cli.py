@@ -95,9 +95,13 @@ def cmd_trial(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from search.driver import SearchOptions, run_search
 
-    options = SearchOptions(**{k: getattr(args, k) for k in SearchOptions.__dataclass_fields__ if hasattr(args, k)})
+    given = {k: getattr(args, k) for k in SearchOptions.__dataclass_fields__ if getattr(args, k, None) is not None}
+    options = SearchOptions(**given)
     if options.num_samples < 1 or options.max_concurrent < 1:
         raise UserError("--num-samples and --max-concurrent must be at least 1; fix: pass a positive number")
+    if not options.grace_period > 0 or options.reduction_factor < 2:
+        raise UserError("--grace-period must be above 0 and --reduction-factor at least 2; fix: e.g. --grace-period 0.34 "
+                        "--reduction-factor 3")
     run_search(options)
     return 0
 
@@ -158,7 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default="pareto-asha", help="pareto-asha (default) | asha | none")
     p.add_argument("--max-failures", type=int, default=3, help="retries of a trial whose worker died")
     p.add_argument("--epochs", type=int, help="override the space's distillation epochs")
-    p.add_argument("--budget-epochs", type=int, help="stop the search once all trials together trained this many epochs")
+    p.add_argument("--budget-epochs", type=float, help="stop the search once all trials together trained this many epochs")
+    p.add_argument("--grace-period", type=float,
+                   help="epochs before a trial can be stopped, the first rung (default 1/3: trials report inside epochs)")
+    p.add_argument("--reduction-factor", type=int, help="ASHA's eta (default 3): rungs eta times apart, 1/eta go on")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("resume", help="finish a search whose driver was killed (same MLflow parent run)")

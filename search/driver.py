@@ -43,7 +43,7 @@ class SearchOptions:
     scheduler: str = "pareto-asha"
     max_failures: int = 3
     epochs: Optional[int] = None
-    grace_period: int = 1  # ASHA's default: a trial stopped at the first rung costs one epoch
+    grace_period: float = 1 / 3  # epochs: a student stopped at the first rung costs a third of an epoch
     reduction_factor: int = 3
     name: Optional[str] = None
     budget_epochs: Optional[int] = None
@@ -92,7 +92,7 @@ FINAL_METRICS = "final_metrics.json"
 
 
 def distil_trainable(config: dict[str, Any], *, space: Space, context: Any, measurer: Any, seed: int,
-                     epochs: Optional[int]) -> None:
+                     epochs: Optional[int], report_at: tuple[float, ...] = ()) -> None:
     """One trial in a Tune worker: resume from its checkpoint if any, report every epoch."""
     import ray
     import torch
@@ -132,7 +132,8 @@ def distil_trainable(config: dict[str, Any], *, space: Space, context: Any, meas
         try:
             run_trial(space, dict(config), report, context=ray.get(context) if isinstance(context, ray.ObjectRef) else context,
                       seed=seed, epochs=epochs, device=device, artifact_dir=artifact_dir,
-                      latency_fn=remote_latency_fn(measurer, config), checkpoint_state=True, resume=resume)
+                      latency_fn=remote_latency_fn(measurer, config), checkpoint_state=True, resume=resume,
+                      report_at=report_at)
         except TrialDiverged as exc:
             # deterministic: reported, not raised, so Tune does not retry it as if a node had died
             tune.report({"diverged": 1, "error": str(exc)})
@@ -144,27 +145,38 @@ def distil_trainable(config: dict[str, Any], *, space: Space, context: Any, meas
 class EpochBudget(Stopper):
     """A Tune stopper: end the search once the trials together have trained ``budget`` epochs.
 
-    Searches compared at equal compute stop here. Epochs are counted once per
-    ``(trial, epoch)``: Tune shows a stopper a finished trial's last result twice.
+    Searches compared at equal compute stop here. A trial counts the furthest progress it
+    reported (fractions of an epoch included), once: Tune shows a stopper a finished
+    trial's last result twice, and a retried trial reports its epochs again.
     """
 
-    def __init__(self, budget: int) -> None:
+    def __init__(self, budget: float) -> None:
         self.budget = budget
-        self.seen: set[tuple[str, int]] = set()
+        self.progress: dict[str, float] = {}  # trial_id -> epochs trained
 
     @property
-    def spent(self) -> int:
-        return len(self.seen)
+    def spent(self) -> float:
+        return sum(self.progress.values())
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        self.seen.add((trial_id, int(result.get("epoch", result.get("training_iteration", 0)))))
+        progress = float(result.get("epoch", result.get("training_iteration", 0)))
+        self.progress[trial_id] = max(progress, self.progress.get(trial_id, 0.0))
         return False
 
     def stop_all(self) -> bool:
         return self.spent >= self.budget
 
 
-def make_scheduler(name: str, space: Space, max_t: int, grace_period: int, reduction_factor: int):
+def report_points(scheduler: str, max_t: float, grace_period: float, reduction_factor: float) -> list[float]:
+    """The rungs (ASHA's and pareto-asha's alike) that fall inside an epoch: trials report there too."""
+    from search.schedulers import rung_milestones
+
+    if scheduler == "none":
+        return []
+    return [m for m in rung_milestones(grace_period, reduction_factor, max_t) if m != int(m)]
+
+
+def make_scheduler(name: str, space: Space, max_t: int, grace_period: float, reduction_factor: int):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if name == "asha":
@@ -329,7 +341,9 @@ def _drive(space: Space, options: SearchOptions, mlflow_client, exp_id: str, par
         measurer = start_measurer(space, context.data.input_shape, context.data.num_classes)
         trainable = tune.with_resources(
             tune.with_parameters(distil_trainable, space=space, context=ray.put(context), measurer=measurer,
-                                 seed=options.seed, epochs=options.epochs),
+                                 seed=options.seed, epochs=options.epochs,
+                                 report_at=tuple(report_points(options.scheduler, max_t, options.grace_period,
+                                                               options.reduction_factor))),
             {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial},
         )
         if restore:

@@ -41,7 +41,7 @@ def remeasure_latency(space: Space, context: Any, recorder: SearchRecorder, mlfl
         # at the trial's last step, so MLflow shows the quiet figure as the latest value
         log_metrics(mlflow_client, row["run_id"], {"latency_ms": row["latency_ms"], "latency_iqr_ms": row["latency_iqr_ms"],
                                                   "latency_ms_search": row["latency_ms_search"] or 0.0},
-                    step=int(row.get("epoch", 0)))
+                    step=int(row.get("training_iteration", 0)))
 
 
 def log_front_models(space: Space, context: Any, recorder: SearchRecorder, front: list[dict[str, Any]]) -> None:

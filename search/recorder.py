@@ -69,7 +69,8 @@ class SearchRecorder(tune.Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         run_id = self._run_for(trial.trial_id, trial.config)
-        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        # MLflow steps are integers: the report's number; `epoch` (fractional inside an epoch) is logged beside it
+        step = int(result.get("training_iteration", 0))
         log_metrics(self.client, run_id, {k: v for k, v in result.items()
                                           if k not in TUNE_BOOKKEEPING and not k.startswith("time_since")}, step)
 
@@ -149,4 +150,4 @@ class SearchRecorder(tune.Callback):
 
 #: result keys kept in a trial's row besides the objectives
 KEEP = ("val_acc", "val_acc_distilled", "params", "macs", "size_bytes", "latency_ms", "latency_iqr_ms", "epoch",
-        "train_seconds", "family", "quant_backend", "teacher_val_acc")
+        "train_seconds", "family", "quant_backend", "teacher_val_acc", "training_iteration")

@@ -28,7 +28,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 if TYPE_CHECKING:
     from ray.tune.execution.tune_controller import TuneController
 
-__all__ = ["ParetoASHA", "crowding_distance", "nondominated_ranks"]
+__all__ = ["ParetoASHA", "crowding_distance", "nondominated_ranks", "rung_milestones"]
 
 _MODE_SIGNS = {"max": 1.0, "min": -1.0}
 
@@ -134,6 +134,20 @@ def _continues_at_rung(
         ahead_in_front = int((crowding > own).sum())
     position = int((ranks < ranks[arrival]).sum()) + ahead_in_front
     return position < math.ceil(len(points) / reduction_factor)
+
+
+def rung_milestones(grace_period: float, reduction_factor: float, max_t: float) -> list[float]:
+    """Where successive halving judges a trial: ``grace_period * reduction_factor**k`` below ``max_t``.
+
+    With a grace period below one unit of ``time_attr`` (a third of an epoch, say) the first
+    rungs fall between whole units: the trainable must report there too, or the rung waits
+    for the next whole unit.
+    """
+    milestones, milestone = [], grace_period
+    while milestone < max_t:
+        milestones.append(milestone)
+        milestone *= reduction_factor
+    return milestones
 
 
 @dataclass
@@ -242,12 +256,7 @@ class ParetoASHA(FIFOScheduler):
         self._signs = np.array([_MODE_SIGNS[mode] for mode in modes])
 
     def _make_rungs(self, first_milestone: float) -> list[_Rung]:
-        rungs = []
-        milestone = first_milestone
-        while milestone < self._max_t:
-            rungs.append(_Rung(milestone))
-            milestone *= self._reduction_factor
-        return rungs
+        return [_Rung(m) for m in rung_milestones(first_milestone, self._reduction_factor, self._max_t)]
 
     @property
     def metrics(self) -> list[str]:

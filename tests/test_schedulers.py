@@ -11,7 +11,7 @@ import pytest
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from search.schedulers import ParetoASHA, crowding_distance, nondominated_ranks
+from search.schedulers import ParetoASHA, crowding_distance, nondominated_ranks, rung_milestones
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
 
@@ -83,6 +83,21 @@ def test_rungs_follow_asha_spacing() -> None:
     scheduler = ParetoASHA(["val_acc"], ["max"], grace_period=1, reduction_factor=3, max_t=100)
     assert [rung.milestone for rung in scheduler._brackets[0]] == [1, 3, 9, 27, 81]
     assert "Iter 81" in scheduler.debug_string()
+
+
+def test_rungs_inside_a_time_unit_judge_fractional_progress() -> None:
+    # a third of an epoch with eta 3: rungs at 1/3, 1, 3 and 9 epochs of an 11-epoch trial
+    assert rung_milestones(1 / 3, 3, 11) == pytest.approx([1 / 3, 1, 3, 9])
+    scheduler = ParetoASHA(["val_acc", "params"], ["max", "min"], time_attr="epoch", grace_period=1 / 3,
+                           reduction_factor=3, max_t=11)
+    leader, early, late = make_trial(), make_trial(), make_trial()
+    for trial in (leader, early, late):
+        scheduler.on_trial_add(None, trial)
+    assert scheduler.on_trial_result(None, leader, {"epoch": 1 / 3, "val_acc": 0.9, "params": 10}) == CONTINUE
+    # before the first rung nothing is judged, however far behind
+    assert scheduler.on_trial_result(None, early, {"epoch": 0.2, "val_acc": 0.1, "params": 50}) == CONTINUE
+    # a trial's report lands a little past the rung when steps do not divide evenly (8 of 23 steps)
+    assert scheduler.on_trial_result(None, late, {"epoch": 8 / 23, "val_acc": 0.5, "params": 20}) == STOP
 
 
 def test_dominated_trial_is_stopped() -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 from optuna.trial import TrialState
 from ray.tune.stopper import Stopper
 
-from search.driver import ConstraintCheck, EpochBudget, scheduler_objectives
+from search.driver import ConstraintCheck, EpochBudget, report_points, scheduler_objectives
 from search.recorder import is_final
 from search.searchers import KDSearch, make_sampler
 from spaces import DEFAULT_SPACE, parse_space
@@ -59,3 +60,20 @@ def test_epoch_budget_counts_each_trial_epoch_once():
     assert budget.spent == 2 and not budget.stop_all()
     budget("a", {"epoch": 2})
     assert budget.stop_all()
+
+
+def test_epoch_budget_counts_fractions_of_an_epoch():
+    budget = EpochBudget(1)
+    budget("a", {"epoch": 1 / 3})  # stopped at a rung inside its first epoch
+    budget("b", {"epoch": 1 / 3})
+    assert budget.spent == pytest.approx(2 / 3) and not budget.stop_all()
+    budget("b", {"epoch": 1})
+    assert budget.spent == pytest.approx(4 / 3) and budget.stop_all()
+
+
+def test_trials_report_at_the_rungs_inside_an_epoch():
+    # eta 3 from a third of an epoch: rungs 1/3, 1, 3, 9; only 1/3 needs a report of its own
+    assert report_points("pareto-asha", 11, 1 / 3, 3) == pytest.approx([1 / 3])
+    assert report_points("asha", 11, 0.25, 3) == pytest.approx([0.25, 0.75, 2.25, 6.75])
+    assert report_points("pareto-asha", 11, 1, 3) == []
+    assert report_points("none", 11, 1 / 3, 3) == []  # nothing judges them

@@ -46,6 +46,20 @@ def test_short_trial_learns_digits_and_measures_everything(digits_space, digits_
     assert result["params"] == sum(p.numel() for p in untrained.parameters())
 
 
+def test_reports_inside_epochs_come_at_the_asked_progress(digits_space, digits_context):
+    reports = []
+    config = params(digits_space, {**SMALL_CNN, "compress.prune_ratio": 0.5})  # then 3 fine-tune epochs
+    # batch 32 over digits' 1437 training images: 45 steps an epoch, so 1/3 lands on step 15 exactly
+    run_trial(digits_space, config, lambda m, state=None: reports.append(m), context=digits_context, epochs=2,
+              report_at=(1 / 3, 1.5, 2.5))
+    epochs = [r["epoch"] for r in reports]
+    assert epochs == pytest.approx([1 / 3, 1, 1 + 23 / 45, 2, 2 + 23 / 45, 3, 4, 5])
+    assert [r["phase"] for r in reports][:-1] == ["distill"] * 4 + ["finetune"] * 3
+    # a third of an epoch already teaches something, and the student keeps learning after it
+    assert 0.2 < reports[0]["val_acc"] < reports[-1]["val_acc"]
+    assert all(r["latency_ms"] == reports[0]["latency_ms"] for r in reports)
+
+
 def test_latency_is_measured_once_before_training_on_the_shipped_structure(digits_space, digits_context, tmp_path):
     from trainers.checkpoint import load_student
     from trainers.measure import measure_latency

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -35,13 +35,25 @@ def cosine_lr(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
 
 
+#: ``on_fraction(fraction, mean_loss)``: called inside an epoch once ``fraction`` of it is trained
+OnFraction = Callable[[float, float], None]
+
+
 def train_epoch(modules: nn.Module, dataset: Dataset, batch_size: int, seed: int,
                 optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                step_loss: StepLoss, epoch: int, device: str = "cpu") -> float:
-    """One pass over ``dataset``; returns the mean loss, raises :class:`TrialDiverged` on NaN/inf."""
+                step_loss: StepLoss, epoch: int, device: str = "cpu",
+                fractions: Sequence[float] = (), on_fraction: OnFraction | None = None) -> float:
+    """One pass over ``dataset``; returns the mean loss, raises :class:`TrialDiverged` on NaN/inf.
+
+    ``on_fraction`` is called after the first step at or past each of ``fractions`` (in (0, 1)) with
+    the fraction really trained, so an early-stopping rung inside an epoch is judged on time.
+    """
     modules.train()
     total, count = 0.0, 0
-    for idx, x, y in batches(dataset, batch_size, shuffle=True, seed=seed + epoch):
+    steps = steps_per_epoch(dataset, batch_size)
+    # 1e-9: a fraction that lands on a step boundary (1/3 of 45 steps) is due at that step, not the next
+    due = sorted({min(steps, max(1, math.ceil(f * steps - 1e-9))) for f in fractions if 0 < f < 1})
+    for step, (idx, x, y) in enumerate(batches(dataset, batch_size, shuffle=True, seed=seed + epoch), start=1):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")
                             and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
@@ -54,6 +66,10 @@ def train_epoch(modules: nn.Module, dataset: Dataset, batch_size: int, seed: int
         scheduler.step()
         total += loss.item() * len(y)
         count += len(y)
+        if on_fraction is not None and due and step == due[0] and step < steps:
+            due.pop(0)
+            on_fraction(step / steps, total / count)
+            modules.train()  # on_fraction may evaluate
     return total / max(count, 1)
 
 

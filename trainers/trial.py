@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ from spaces import Choice, Fixed, Space, SpaceError, TrialConfig
 from trainers.checkpoint import save_student
 from trainers.compress import prune_student, recalibrate_batchnorm
 from trainers.data import DataBundle, batches, load_data
-from trainers.loop import TrialDiverged, cosine_lr, make_optimizer, steps_per_epoch, train_epoch
+from trainers.loop import OnFraction, TrialDiverged, cosine_lr, make_optimizer, steps_per_epoch, train_epoch
 from trainers.losses import DistillLoss, Outputs, build_distill_loss, kd_loss
 from trainers.measure import Latency, accuracy, count_macs, count_params, measure_latency
 from trainers.quantize import get_quantizer
@@ -142,10 +142,10 @@ class _Distiller:
         teacher = self.context.targets.batch(idx, x, hints)
         return self.loss(student, teacher, y)
 
-    def epoch(self, epoch: int, seed: int) -> float:
+    def epoch(self, epoch: int, seed: int, fractions: Sequence[float] = (), on_fraction: Optional[OnFraction] = None) -> float:
         modules = nn.ModuleList([self.student, self.loss])
         return train_epoch(modules, self.context.data.train, self.config.train.batch_size, seed,
-                           self.optimizer, self.scheduler, self.step_loss, epoch, self.device)
+                           self.optimizer, self.scheduler, self.step_loss, epoch, self.device, fractions, on_fraction)
 
     def state(self, epoch: int) -> dict[str, Any]:
         """A snapshot (copied: the live tensors keep training after it is reported)."""
@@ -164,14 +164,17 @@ def run_trial(space: Space, params: dict[str, Any], report: Optional[Report] = N
               context: Optional[TrialContext] = None, seed: int = 0, epochs: Optional[int] = None,
               device: str = "cpu", artifact_dir: Optional[str | Path] = None,
               latency_fn: LatencyFn = local_latency, checkpoint_state: bool = False,
-              resume: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+              resume: Optional[dict[str, Any]] = None, report_at: Sequence[float] = ()) -> dict[str, Any]:
     """Distil, compress and measure one student; return its final metrics.
 
     ``report(metrics)`` is called after every epoch with ``val_acc`` and ``epoch``, plus the
     deployed student's ``params``, ``macs`` and latency, known before training; the last call
-    also carries its size on disk. With ``checkpoint_state`` each distillation epoch's report
-    also gets ``state=`` (a dict of tensors) that ``resume=`` accepts to continue a trial
-    where it stopped.
+    also carries its size on disk. ``report_at`` adds reports inside epochs, at these points
+    of progress counted in epochs (say 1/3): early-stopping rungs shorter than an epoch, so a
+    hopeless student costs a third of an epoch instead of a whole one. Their ``epoch`` is the
+    progress really trained, a float. With ``checkpoint_state`` each distillation epoch's
+    report also gets ``state=`` (a dict of tensors) that ``resume=`` accepts to continue a
+    trial where it stopped.
     """
     started = time.perf_counter()
     config = space.resolve(params)
@@ -205,10 +208,17 @@ def run_trial(space: Space, params: dict[str, Any], report: Optional[Report] = N
             emit(pending)
         pending = {}
 
+    def inside(epoch: int, phase: str) -> tuple[list[float], OnFraction]:
+        """The report points inside epoch ``epoch`` (0-based) as fractions of it, and what reports them."""
+        def report_fraction(fraction: float, loss: float) -> None:
+            emit({"epoch": epoch + fraction, "val_acc": accuracy(student, data.val, device=device), "train_loss": loss,
+                  "phase": phase, **footprint})
+        return [point - epoch for point in report_at if epoch < point < epoch + 1], report_fraction
+
     distiller = _Distiller(student, config, context, distil_epochs, device)
     start_epoch = distiller.load(resume) if resume else 0
     for epoch in range(start_epoch, distil_epochs):
-        loss = distiller.epoch(epoch, seed)
+        loss = distiller.epoch(epoch, seed, *inside(epoch, "distill"))
         epoch_done(epoch + 1, loss, "distill", distiller.state(epoch + 1) if checkpoint_state else None)
     distilled_acc = accuracy(student, data.val, device=device)
 
@@ -220,7 +230,7 @@ def run_trial(space: Space, params: dict[str, Any], report: Optional[Report] = N
         recalibrate_batchnorm(student, [x.to(device) for x in calib])  # pruning leaves BatchNorm statistics stale
         tuner = _Distiller(student, config, context, finetune_epochs, device)
         for epoch in range(finetune_epochs):
-            loss = tuner.epoch(distil_epochs + epoch, seed)
+            loss = tuner.epoch(distil_epochs + epoch, seed, *inside(distil_epochs + epoch, "finetune"))
             epoch_done(distil_epochs + epoch + 1, loss, "finetune")
 
     student = student.cpu().eval()
