@@ -32,7 +32,10 @@ def make_sampler(name: str, seed: int, num_samples: int) -> optuna.samplers.Base
             # generations small enough that a short search still evolves
             return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, num_samples // 4)))
         if name == "tpe":
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=max(4, num_samples // 5))
+            # Optuna's 10 random trials first, fewer in a short search; not a share of a large
+            # trial cap that an epoch budget ends long before
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                              n_startup_trials=max(4, min(10, num_samples // 5)))
         if name == "random":
             return optuna.samplers.RandomSampler(seed=seed)
     raise ValueError(f"--searcher {name}: unknown; fix: use one of {', '.join(SAMPLERS)}")
