@@ -248,10 +248,11 @@ def remeasure_side_by_side(runs: list[dict[str, Any]], budget: float, tracking_u
                 continue
             config = {k: yaml.safe_load(v) for k, v in trial.data.params.items()}  # MLflow keeps params as text
             key = structure_key(config)
-            if key not in students:
-                path = artifacts / trial.info.run_id / "artifacts" / "student" / "student.pt"
+            path = artifacts / trial.info.run_id / "artifacts" / "student" / "student.pt"
+            if key not in students and path.is_file():
                 students[key] = load_trial_student(space, config, path, data.input_shape, data.num_classes)
-            rows.append({"run_id": trial.info.run_id, "key": key, **{m: trial.data.metrics[m] for m in ("val_acc", "params", "epoch")}})
+            rows.append({"run_id": trial.info.run_id, "key": key, "own_latency_ms": trial.data.metrics["latency_ms"],
+                         **{m: trial.data.metrics[m] for m in ("val_acc", "params", "epoch")}})
         rows_by_run[run["parent_run_id"]] = rows
     say(f"measuring the latency of {len(students)} student structures side by side, {rounds} rounds...")
     figures: dict[str, list[float]] = {key: [] for key in students}
@@ -261,10 +262,13 @@ def remeasure_side_by_side(runs: list[dict[str, Any]], budget: float, tracking_u
         for key in order:
             figures[key].append(measure_latency(students[key], context.example).median_ms)
     latency = {key: statistics.median(values) for key, values in figures.items()}
+    missing = sum(row["key"] not in latency for rows in rows_by_run.values() for row in rows)
+    if missing:  # an artifact a copied folder lacks: that student keeps its search's own figure
+        say(f"  {missing} students had no artifact to measure: they keep their own quiet-phase figure")
     objectives = load_space(space_path).objectives
     box = math.prod(abs(reference[m] - (1.0 if d == "max" else 0.0)) for m, d in objectives.items())
     for run in runs:
-        rows = [{**row, "latency_ms": latency[row["key"]]} for row in rows_by_run[run["parent_run_id"]]]
+        rows = [{**row, "latency_ms": latency.get(row["key"], row["own_latency_ms"])} for row in rows_by_run[run["parent_run_id"]]]
         events, _ = timeline(mlflow_client, run["parent_run_id"])
         curve = hv_curve(events, rows, objectives, reference)
         run.setdefault("hv_own_phase", run["hv_budget"])
