@@ -265,7 +265,7 @@ def remeasure_side_by_side(runs: list[dict[str, Any]], budget: float, tracking_u
     missing = sum(row["key"] not in latency for rows in rows_by_run.values() for row in rows)
     if missing:  # an artifact a copied folder lacks: that student keeps its search's own figure
         say(f"  {missing} students had no artifact to measure: they keep their own quiet-phase figure")
-    objectives = load_space(space_path).objectives
+    objectives = space.objectives
     box = math.prod(abs(reference[m] - (1.0 if d == "max" else 0.0)) for m, d in objectives.items())
     for run in runs:
         rows = [{**row, "latency_ms": latency.get(row["key"], row["own_latency_ms"])} for row in rows_by_run[run["parent_run_id"]]]
