@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from search.pareto import hypervolume  # noqa: E402
-from search_quality import at  # noqa: E402  (benchmarks/ is the script's folder)
+from search_quality import at, box_volume  # noqa: E402  (benchmarks/ is the script's folder)
 
 POOL = ROOT / "benchmarks" / "results" / "replay_pool.json"
 OBJECTIVES = {"val_acc": "max", "latency_ms": "min", "params": "min"}
@@ -179,7 +179,7 @@ def main() -> None:
     off_grid = [g for g in graces if not math.isclose(g * per_epoch, round(g * per_epoch))]
     if off_grid:
         parser.error(f"--graces {off_grid}: the pool has {per_epoch} reports an epoch; fix: use multiples of 1/{per_epoch}")
-    box = math.prod(abs(reference[m] - (1.0 if d == "max" else 0.0)) for m, d in OBJECTIVES.items())
+    box = box_volume(reference, OBJECTIVES)
     max_t = max(len(trial["curve"]) for trial in pool) / per_epoch
     print(f"{len(pool)} recorded trials ({per_epoch} reports an epoch), reference point {reference}, "
           f"eta {args.reduction_factor}, {args.replays} replays per method and budget")

@@ -155,6 +155,11 @@ def hv_curve(events: list[tuple[str, float, float]], rows: list[dict[str, Any]],
     return curve
 
 
+def box_volume(reference: dict[str, float], objectives: dict[str, str]) -> float:
+    """The reference box's volume: HV of a perfect point (accuracy 1, zero cost), so HV / box is a fraction."""
+    return math.prod(abs(reference[m] - (1.0 if d == "max" else 0.0)) for m, d in objectives.items())
+
+
 def at(curve: list[tuple[float, float]], compute: float) -> float:
     """The step curve's value once ``compute`` epochs have been spent."""
     value = 0.0
@@ -195,8 +200,8 @@ def one_search(method: str, seed: int, args: argparse.Namespace, space_path: str
     curve = hv_curve(events, result.rows, objectives, reference)
     macs_objectives = {"val_acc": "max", "macs": "min", "params": "min"}
     macs_curve = hv_curve(events, result.rows, macs_objectives, macs_reference)
-    box = math.prod(abs(reference[m] - (1.0 if d == "max" else 0.0)) for m, d in objectives.items())
-    macs_box = math.prod(abs(macs_reference[m] - (1.0 if d == "max" else 0.0)) for m, d in macs_objectives.items())
+    box = box_volume(reference, objectives)
+    macs_box = box_volume(macs_reference, macs_objectives)
     if not math.isclose(curve[-1][1], result.hypervolume, rel_tol=1e-9, abs_tol=1e-12):
         say(f"  warning: reconstructed final HV {curve[-1][1]:.6g} != search's {result.hypervolume:.6g}")
     counts = result.counts
@@ -217,7 +222,7 @@ def one_search(method: str, seed: int, args: argparse.Namespace, space_path: str
 
 
 def remeasure_side_by_side(runs: list[dict[str, Any]], budget: float, tracking_uri: str, artifacts: Path,
-                           space_path: str, reference: dict[str, float], rounds: int = 3) -> None:
+                           space_path: str, reference: dict[str, float], context: Any = None, rounds: int = 3) -> None:
     """Measure the complete students of every search again in one pass, and redo the HV curves.
 
     Each search's own quiet phase runs at its own time, and on a shared machine latency drifts
@@ -236,8 +241,9 @@ def remeasure_side_by_side(runs: list[dict[str, Any]], budget: float, tracking_u
 
     mlflow_client = client(tracking_uri)
     space = load_space(space_path)
-    with contextlib.redirect_stdout(io.StringIO()):
-        context = prepare(space)
+    if context is None:  # a --from-json run: prepare the data and teacher outputs again
+        with contextlib.redirect_stdout(io.StringIO()):
+            context = prepare(space)
     data = context.data
     students: dict[str, Any] = {}  # structure key -> rebuilt student
     rows_by_run: dict[str, list[dict[str, Any]]] = {}
@@ -266,7 +272,7 @@ def remeasure_side_by_side(runs: list[dict[str, Any]], budget: float, tracking_u
     if missing:  # an artifact a copied folder lacks: that student keeps its search's own figure
         say(f"  {missing} students had no artifact to measure: they keep their own quiet-phase figure")
     objectives = space.objectives
-    box = math.prod(abs(reference[m] - (1.0 if d == "max" else 0.0)) for m, d in objectives.items())
+    box = box_volume(reference, objectives)
     for run in runs:
         rows = [{**row, "latency_ms": latency.get(row["key"], row["own_latency_ms"])} for row in rows_by_run[run["parent_run_id"]]]
         events, _ = timeline(mlflow_client, run["parent_run_id"])
@@ -491,7 +497,7 @@ def main() -> None:
                     f"{run['epochs_spent']} epochs spent, {run['trials']} trials: {run['complete']} complete, "
                     f"{run['pruned']} pruned, {run['failed']} failed, {run['rejected']} rejected; front {run['front']}; "
                     f"{run['wall_s']:.0f} s")
-        remeasure_side_by_side(runs, args.budget, tracking_uri, tmp / "artifacts", space_path, reference)
+        remeasure_side_by_side(runs, args.budget, tracking_uri, tmp / "artifacts", space_path, reference, context)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     config = {"quick": args.quick, "seeds": args.seeds, "budget_epochs": args.budget, "epochs": args.epochs,

@@ -46,7 +46,7 @@ class SearchOptions:
     grace_period: float = 1 / 3  # epochs: a student stopped at the first rung costs a third of an epoch
     reduction_factor: int = 3
     name: Optional[str] = None
-    budget_epochs: Optional[int] = None
+    budget_epochs: Optional[float] = None
     log_models: bool = True
 
 
