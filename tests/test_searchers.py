@@ -7,7 +7,7 @@ import yaml
 from optuna.trial import TrialState
 from ray.tune.stopper import Stopper
 
-from search.driver import ConstraintCheck, EpochBudget, SearchOptions, finished_trials, report_points, scheduler_objectives
+from search.driver import ConstraintCheck, EpochBudget, report_points, scheduler_objectives
 from search.recorder import is_final
 from search.searchers import KDSearch, make_sampler
 from spaces import DEFAULT_SPACE, parse_space
@@ -44,22 +44,6 @@ def test_early_stopped_trial_is_pruned_in_optuna_and_full_one_complete():
     states = {t.number: t.state for t in searcher._ot_study.get_trials()}
     assert states == {0: TrialState.PRUNED, 1: TrialState.COMPLETE}
     assert [t.values for t in searcher._ot_study.best_trials] == [[0.9, 0.1, 100.0]]
-
-
-def test_nsga2_under_an_epoch_budget_leaves_its_random_generation():
-    # 240 epochs of 11-epoch trials finish about 21 of the 800 trials the cap allows
-    options = SearchOptions(budget_epochs=240, num_samples=800)
-    assert finished_trials(options, 11) == 21 and finished_trials(SearchOptions(num_samples=24), 11) == 24
-    space = tight_space(60000)
-    sampler = make_sampler("nsga2", 0, finished_trials(options, 11))
-    searcher = KDSearch(space, sampler, is_final)
-    generation = sampler._get_generation_key()
-    for i in range(5):
-        searcher.suggest(f"t{i}")
-        searcher.on_trial_complete(f"t{i}", {"val_acc": 0.5 + i / 10, "params": 1000 * (i + 1),
-                                              "latency_ms": 0.1, "size_bytes": 4000})
-    searcher.suggest("child")
-    assert searcher._ot_study.get_trials()[-1].system_attrs[generation] == 1
 
 
 def test_pareto_asha_ranks_on_per_epoch_proxies():
