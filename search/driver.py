@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -84,13 +83,6 @@ def max_epochs(space: Space, override: Optional[int]) -> int:
     prune = compress.get("prune_ratio")
     may_prune = prune is not None and not (isinstance(prune, Fixed) and prune.value == 0)
     return distil + (knob_max(compress.get("finetune_epochs"), 2) if may_prune else 0)
-
-
-def finished_trials(options: SearchOptions, max_t: int) -> int:
-    """How many trials the search can train to the end: its trial cap, or fewer under an epoch budget."""
-    if options.budget_epochs is None:
-        return options.num_samples
-    return max(1, min(options.num_samples, math.floor(options.budget_epochs / max_t)))
 
 
 # --------------------------------------------------------------------------- the trial inside Tune
@@ -358,7 +350,7 @@ def _drive(space: Space, options: SearchOptions, mlflow_client, exp_id: str, par
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
             tuner._local_tuner.get_run_config().callbacks = [recorder]  # the pickled recorder is stale
         else:
-            searcher = KDSearch(space, make_sampler(options.searcher, options.seed, finished_trials(options, max_t)), is_final,
+            searcher = KDSearch(space, make_sampler(options.searcher, options.seed, options.num_samples), is_final,
                                 ConstraintCheck(space, context.data.input_shape, context.data.num_classes))
             recorder.rejected = lambda: len(searcher.rejected)
             scheduler = make_scheduler(options.scheduler, space, max_t, options.grace_period, options.reduction_factor)

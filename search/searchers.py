@@ -25,20 +25,17 @@ SAMPLERS = ("nsga2", "tpe", "random")
 Feasibility = Callable[[dict[str, Any]], Optional[str]]
 
 
-def make_sampler(name: str, seed: int, finished_trials: int) -> optuna.samplers.BaseSampler:
-    """The named Optuna sampler, sized to the number of trials the search can train to the end.
-
-    NSGA-II's generations count only complete trials, so a population sized to a trial cap
-    that an epoch budget ends long before never leaves its first, random generation.
-    """
+def make_sampler(name: str, seed: int, num_samples: int) -> optuna.samplers.BaseSampler:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if name == "nsga2":
-            return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, finished_trials // 4)))
+            # generations small enough that a short search still evolves
+            return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, num_samples // 4)))
         if name == "tpe":
-            # Optuna's 10 random trials first, fewer in a short search
+            # Optuna's 10 random trials first, fewer in a short search; not a share of a large
+            # trial cap that an epoch budget ends long before
             return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
-                                              n_startup_trials=max(4, min(10, finished_trials // 5)))
+                                              n_startup_trials=max(4, min(10, num_samples // 5)))
         if name == "random":
             return optuna.samplers.RandomSampler(seed=seed)
     raise ValueError(f"--searcher {name}: unknown; fix: use one of {', '.join(SAMPLERS)}")
