@@ -28,11 +28,16 @@ trained the same students by 0.04; the own-phase figure is kept as ``hv_own_phas
 curve's value at the budget is the method's figure. A second hypervolume uses MACs instead of
 latency (deterministic: no timing noise) as a check.
 
+The default budget is 480 epochs (about 60 random trials). At 240 the students on random
+search's final front took about half the budget to train on their own (the script prints this
+as ``random_front_epochs``), so no stopping rule over a sampler that draws as random search does
+could reach that front with half the compute, however well it stopped the rest.
+
 Per method: mean +- std HV at the budget, and the compute at which the mean curve first
 reaches random search's mean HV at the budget. Plot: ``benchmarks/results/search_quality.png``;
 figures: ``benchmarks/results/search_quality.json``. Last line is one JSON object.
 
-    python benchmarks/search_quality.py [--quick] [--seeds 3] [--budget 240] [--epochs N]
+    python benchmarks/search_quality.py [--quick] [--seeds 3] [--budget 480] [--epochs N]
     python benchmarks/search_quality.py --from-json benchmarks/results/search_quality.json   # table + plot again
 """
 
@@ -431,7 +436,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, budget 16, 2 distil epochs: a check, not a result")
     parser.add_argument("--seeds", type=int, help="seeds per method (default 3; --quick 1)")
-    parser.add_argument("--budget", type=int, help="training epochs per search, all trials together (default 240; --quick 16)")
+    parser.add_argument("--budget", type=int, help="training epochs per search, all trials together (default 480; --quick 16)")
     parser.add_argument("--epochs", type=int, help="distillation epochs per trial (default: the space's 8; --quick 2)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
     parser.add_argument("--grace-period", type=float, help="ASHA / pareto-asha grace period in epochs (default: the driver's, 1/3)")
@@ -455,7 +460,7 @@ def main() -> None:
         return
     args.tag = args.tag or ("search_quality_quick" if args.quick else "search_quality")
     args.seeds = args.seeds or (1 if args.quick else 3)
-    args.budget = args.budget or (16 if args.quick else 240)
+    args.budget = args.budget or (16 if args.quick else 480)
     args.epochs = args.epochs or (2 if args.quick else None)
     args.grace_period = args.grace_period or SearchOptions.grace_period
     # a stopped trial has trained at least grace_period epochs: this many trials cannot run out first
