@@ -439,8 +439,8 @@ def main() -> None:
     parser.add_argument("--budget", type=int, help="training epochs per search, all trials together (default 480; --quick 16)")
     parser.add_argument("--epochs", type=int, help="distillation epochs per trial (default: the space's 8; --quick 2)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
-    parser.add_argument("--grace-period", type=float, help="ASHA / pareto-asha grace period in epochs (default: the driver's, 1/3)")
-    parser.add_argument("--reduction-factor", type=int, default=3)
+    parser.add_argument("--grace-period", type=float, help="ASHA / pareto-asha grace period in epochs (default: the driver's, 1/6)")
+    parser.add_argument("--reduction-factor", type=int, help="ASHA / pareto-asha eta (default: the driver's, 4)")
     parser.add_argument("--max-concurrent", type=int, default=2)
     parser.add_argument("--num-samples", type=int, help="trial cap (default: enough that the budget ends every search)")
     parser.add_argument("--ref-latency-ms", type=float, default=1.0, help="reference point's latency_ms (default 1.0)")
@@ -463,6 +463,7 @@ def main() -> None:
     args.budget = args.budget or (16 if args.quick else 480)
     args.epochs = args.epochs or (2 if args.quick else None)
     args.grace_period = args.grace_period or SearchOptions.grace_period
+    args.reduction_factor = args.reduction_factor or SearchOptions.reduction_factor
     # a stopped trial has trained at least grace_period epochs: this many trials cannot run out first
     args.num_samples = args.num_samples or math.ceil(args.budget / args.grace_period) + 2 * args.max_concurrent
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -164,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="override the space's distillation epochs")
     p.add_argument("--budget-epochs", type=float, help="stop the search once all trials together trained this many epochs")
     p.add_argument("--grace-period", type=float,
-                   help="epochs before a trial can be stopped, the first rung (default 1/3: trials report inside epochs)")
-    p.add_argument("--reduction-factor", type=int, help="ASHA's eta (default 3): rungs eta times apart, 1/eta go on")
+                   help="epochs before a trial can be stopped, the first rung (default 1/6: trials report inside epochs)")
+    p.add_argument("--reduction-factor", type=int, help="ASHA's eta (default 4): rungs eta times apart, 1/eta go on")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("resume", help="finish a search whose driver was killed (same MLflow parent run)")
