@@ -56,6 +56,7 @@ import sys
 import tempfile
 import time
 import warnings
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -439,8 +440,10 @@ def main() -> None:
     parser.add_argument("--budget", type=int, help="training epochs per search, all trials together (default 480; --quick 16)")
     parser.add_argument("--epochs", type=int, help="distillation epochs per trial (default: the space's 8; --quick 2)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
-    parser.add_argument("--grace-period", type=float, help="ASHA / pareto-asha grace period in epochs (default: the driver's, 1/6)")
-    parser.add_argument("--reduction-factor", type=int, help="ASHA / pareto-asha eta (default: the driver's, 4)")
+    grace = Fraction(SearchOptions.grace_period).limit_denominator(100)
+    parser.add_argument("--grace-period", type=float, help=f"ASHA / pareto-asha grace period in epochs (default: the driver's, {grace})")
+    parser.add_argument("--reduction-factor", type=int,
+                        help=f"ASHA / pareto-asha eta (default: the driver's, {SearchOptions.reduction_factor})")
     parser.add_argument("--max-concurrent", type=int, default=2)
     parser.add_argument("--num-samples", type=int, help="trial cap (default: enough that the budget ends every search)")
     parser.add_argument("--ref-latency-ms", type=float, default=1.0, help="reference point's latency_ms (default 1.0)")

@@ -44,7 +44,7 @@ class SearchOptions:
     max_failures: int = 3
     epochs: Optional[int] = None
     # rungs at 1/6, 2/3, 8/3 and 32/3 epochs: a student stopped at the first costs a sixth of an
-    # epoch (benchmarks/search_quality.py: 36% of random search's compute, 51% at 1/3 and eta 3)
+    # epoch (benchmarks/search_quality.py: 38% of random search's compute, 51% at 1/3 and eta 3)
     grace_period: float = 1 / 6
     reduction_factor: int = 4
     name: Optional[str] = None
