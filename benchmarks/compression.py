@@ -19,7 +19,7 @@ change in points). Prints a table per model; last line is one JSON object.
 Latency is measured twice per variant:
 
 - ``latency`` (the headline): the artifact reloaded with ``load_student``, as the search's
-  latency measurer (``search.latency``) and a deployment see it;
+  latency measurer (``kdsearch.search.latency``) and a deployment see it;
 - ``trial_latency``: the in-process model ``run_trial`` hands to ``local_latency``, after its
   batch-512 accuracy pass. For static int8 on x86 this reads ~1.7x slower than the reloaded
   artifact: the oneDNN quantized conv/linear caches its primitive for the *first* call's
@@ -48,11 +48,11 @@ import torch
 import yaml
 from torch import nn
 
-from spaces import DEFAULT_SPACE, Space, parse_space
-from trainers.checkpoint import load_student
-from trainers.measure import Latency, device_name, measure_latency
-from trainers.quantize import get_quantizer
-from trainers.trial import TrialContext, prepare, run_trial
+from kdsearch.spaces import DEFAULT_SPACE, Space, parse_space
+from kdsearch.trainers.checkpoint import load_student
+from kdsearch.trainers.measure import Latency, device_name, measure_latency
+from kdsearch.trainers.quantize import get_quantizer
+from kdsearch.trainers.trial import TrialContext, prepare, run_trial
 
 #: reference students: family knobs (every knob fixed) and the int8 quantizer used for them
 MODELS: dict[str, dict[str, Any]] = {

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from search.pareto import hypervolume  # noqa: E402
+from kdsearch.search.pareto import hypervolume  # noqa: E402
 from search_quality import at, box_volume  # noqa: E402  (benchmarks/ is the script's folder)
 
 POOL = ROOT / "benchmarks" / "results" / "replay_pool.json"
@@ -49,10 +49,10 @@ def record(count: int, path: Path, seed: int, reports_per_epoch: int) -> None:
     One at a time, so each trial's latency (measured before it trains, as in a search) is a quiet
     figure: the replayed scheduler sees less timing noise than it would during a real search.
     """
-    from search.driver import ConstraintCheck, max_epochs
-    from search.pareto import reference_point
-    from spaces import load_space
-    from trainers.trial import TrialDiverged, prepare, run_trial
+    from kdsearch.search.driver import ConstraintCheck, max_epochs
+    from kdsearch.search.pareto import reference_point
+    from kdsearch.spaces import load_space
+    from kdsearch.trainers.trial import TrialDiverged, prepare, run_trial
 
     import torch
 
@@ -144,7 +144,7 @@ def methods(reference: dict[str, float], box: float, max_t: float, graces: list[
             reduction_factor: int) -> dict[str, Callable[[], Any]]:
     from ray.tune.schedulers import ASHAScheduler
 
-    from search.schedulers import ParetoASHA
+    from kdsearch.search.schedulers import ParetoASHA
 
     chosen: dict[str, Callable[[], Any]] = {"random": lambda: None}
     for grace in graces:

@@ -67,9 +67,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from search.driver import SearchOptions, run_search  # noqa: E402
-from search.pareto import hypervolume  # noqa: E402
-from spaces import load_space  # noqa: E402
+from kdsearch.search.driver import SearchOptions, run_search  # noqa: E402
+from kdsearch.search.pareto import hypervolume  # noqa: E402
+from kdsearch.spaces import load_space  # noqa: E402
 
 #: name -> (searcher, scheduler)
 METHODS = {
@@ -104,7 +104,7 @@ def write_space(folder: Path, ref_latency_ms: float) -> tuple[str, dict[str, flo
 def timeline(mlflow_client, parent_run_id: str) -> tuple[list[tuple[str, float, float]], list[Any]]:
     """Every result of the search's trials in the order the driver processed it: (run_id, epoch, epochs it
     added), reports inside an epoch included; and the trial runs."""
-    from search.tracking import trial_runs
+    from kdsearch.search.tracking import trial_runs
 
     events = []
     parent = mlflow_client.get_run(parent_run_id)
@@ -178,7 +178,7 @@ def at(curve: list[tuple[float, float]], compute: float) -> float:
 
 def one_search(method: str, seed: int, args: argparse.Namespace, space_path: str, reference: dict[str, float],
                macs_reference: dict[str, float], tmp: Path, tracking_uri: str) -> dict[str, Any]:
-    from search.tracking import client
+    from kdsearch.search.tracking import client
 
     searcher, scheduler = METHODS[method]
     storage = tmp / f"ray-{method}-{seed}"
@@ -240,10 +240,10 @@ def remeasure_side_by_side(runs: list[dict[str, Any]], budget: float, tracking_u
     """
     import random
 
-    from search.latency import load_trial_student, structure_key
-    from search.tracking import STATUS_TAG, client, trial_runs
-    from trainers.measure import measure_latency
-    from trainers.trial import prepare
+    from kdsearch.search.latency import load_trial_student, structure_key
+    from kdsearch.search.tracking import STATUS_TAG, client, trial_runs
+    from kdsearch.trainers.measure import measure_latency
+    from kdsearch.trainers.trial import prepare
 
     mlflow_client = client(tracking_uri)
     space = load_space(space_path)
@@ -358,7 +358,7 @@ def fmt_epochs(value: float | None, budget: int) -> str:
 
 def front_epochs(run: dict[str, Any], objectives: dict[str, str]) -> int:
     """What the run's final front cost to train: no method can rebuild that front with less compute."""
-    from search.pareto import pareto_mask
+    from kdsearch.search.pareto import pareto_mask
 
     complete = [t for t in run["trial_records"] if t["status"] == "complete"]
     return sum(t["epochs"] for t, keep in zip(complete, pareto_mask(complete, objectives)) if keep)
@@ -479,8 +479,8 @@ def main() -> None:
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="kdsearch-quality-"))
     try:
-        from search.tracking import client
-        from trainers.trial import prepare
+        from kdsearch.search.tracking import client
+        from kdsearch.trainers.trial import prepare
 
         tracking_uri = f"sqlite:///{tmp}/mlflow.db"
         mlflow_client = client(tracking_uri)

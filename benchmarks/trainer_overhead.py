@@ -19,8 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from spaces import PinnedSuggester, RandomSuggester, load_space
-from trainers.trial import prepare, run_trial
+from kdsearch.spaces import PinnedSuggester, RandomSuggester, load_space
+from kdsearch.trainers.trial import prepare, run_trial
 
 STUDENT = {
     "student.family": "cnn", "student.cnn.stages": 2, "student.cnn.channels": 16, "student.cnn.blocks": 2,

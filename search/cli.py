@@ -11,13 +11,10 @@ import logging
 import sys
 from typing import Any, Optional
 
-from spaces import PinnedSuggester, RandomSuggester, Space, SpaceError, load_space
+from kdsearch.spaces import PinnedSuggester, RandomSuggester, Space, load_space
+from kdsearch.spaces.errors import KdsearchError, TrialDiverged, UserError
 
 EXIT_USAGE = 2
-
-
-class UserError(Exception):
-    """A mistake the user can fix; printed as one line, exit code 2."""
 
 
 def _space(path: Optional[str]) -> Space:
@@ -63,7 +60,7 @@ def sample_params(space: Space, pinned_json: Optional[str], seed: int) -> dict[s
 
 
 def cmd_trial(args: argparse.Namespace) -> int:
-    from trainers.trial import TrialDiverged, prepare, run_trial
+    from kdsearch.trainers.trial import prepare, run_trial
 
     space = _space(args.space)
     params = sample_params(space, args.params, args.seed)
@@ -93,7 +90,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from search.driver import SearchOptions, run_search
+    from kdsearch.search.driver import SearchOptions, run_search
 
     given = {k: getattr(args, k) for k in SearchOptions.__dataclass_fields__ if getattr(args, k, None) is not None}
     options = SearchOptions(**given)
@@ -107,15 +104,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from search.driver import resume_search
+    from kdsearch.search.driver import resume_search
 
     resume_search(args.path)
     return 0
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
-    from search.report import front_table
-    from search.tracking import client, latest_search_run, read_artifact_json
+    from kdsearch.search.report import front_table
+    from kdsearch.search.tracking import client, latest_search_run, read_artifact_json
 
     c = client(args.tracking_uri)
     parent = latest_search_run(c, args.experiment, args.run_id)
@@ -187,12 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="exports", help="output folder")
     p.add_argument("--format", default="onnx,pt2,state_dict", help="comma-separated: onnx, pt2, state_dict")
     p.add_argument("--register", metavar="NAME", help="register the student in the MLflow Model Registry")
-    p.set_defaults(func=lambda args: __import__("search.export", fromlist=["cmd_export"]).cmd_export(args))
+    p.set_defaults(func=lambda args: __import__("kdsearch.search.export", fromlist=["cmd_export"]).cmd_export(args))
 
     p = sub.add_parser("ui", help="the MLflow UI on 127.0.0.1 over the same store")
     p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking store")
     p.add_argument("--port", type=int, default=5000)
-    p.set_defaults(func=lambda args: __import__("search.ui", fromlist=["cmd_ui"]).cmd_ui(args))
+    p.set_defaults(func=lambda args: __import__("kdsearch.search.ui", fromlist=["cmd_ui"]).cmd_ui(args))
     return parser
 
 
@@ -215,14 +212,12 @@ def _quiet(verbose: bool) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from search.tracking import TrackingError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet(args.verbose)
     try:
         return args.func(args)
-    except (SpaceError, UserError, TrackingError) as exc:
+    except KdsearchError as exc:
         print(f"kdsearch: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -231,8 +226,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    # `python -m search.cli` loads this file as __main__: run the one imported as search.cli,
-    # so its UserError is the class the other modules raise
-    from search.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -20,7 +20,8 @@ from typing import Any, Callable, Optional
 
 from ray.tune.stopper import Stopper
 
-from spaces import Choice, Fixed, FloatRange, IntRange, Space, load_space
+from kdsearch.spaces import Choice, Fixed, FloatRange, IntRange, Space, load_space
+from kdsearch.spaces.errors import UserError
 
 log = logging.getLogger("kdsearch")
 
@@ -100,8 +101,9 @@ def distil_trainable(config: dict[str, Any], *, space: Space, context: Any, meas
     import torch
     from ray import tune
 
-    from search.latency import remote_latency_fn
-    from trainers.trial import TrialDiverged, run_trial
+    from kdsearch.search.latency import remote_latency_fn
+    from kdsearch.spaces.errors import TrialDiverged
+    from kdsearch.trainers.trial import run_trial
 
     warnings.filterwarnings("ignore")
     resources = tune.get_context().get_trial_resources().required_resources
@@ -171,7 +173,7 @@ class EpochBudget(Stopper):
 
 def report_points(scheduler: str, max_t: float, grace_period: float, reduction_factor: float) -> list[float]:
     """The rungs (ASHA's and pareto-asha's alike) that fall inside an epoch: trials report there too."""
-    from search.schedulers import rung_milestones
+    from kdsearch.search.schedulers import rung_milestones
 
     if scheduler == "none":
         return []
@@ -186,7 +188,7 @@ def make_scheduler(name: str, space: Space, max_t: int, grace_period: float, red
         return ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max", max_t=max_t,
                              grace_period=min(grace_period, max_t), reduction_factor=reduction_factor)
     if name == "pareto-asha":
-        from search.schedulers import ParetoASHA
+        from kdsearch.search.schedulers import ParetoASHA
 
         metrics, modes = scheduler_objectives(space)
         return ParetoASHA(metrics=metrics, modes=modes, time_attr="epoch", max_t=max_t,
@@ -218,13 +220,13 @@ class ConstraintCheck:
     """
 
     def __init__(self, space: Space, input_shape: tuple[int, ...], num_classes: int) -> None:
-        from spaces.schema import CONSTRAINT_KEYS
+        from kdsearch.spaces.schema import CONSTRAINT_KEYS
 
         self.space, self.input_shape, self.num_classes = space, tuple(input_shape), num_classes
         self.limits = {CONSTRAINT_KEYS[k]: v for k, v in space.constraints.items() if CONSTRAINT_KEYS[k] in ("params", "macs")}
 
     def __call__(self, params: dict[str, Any]) -> Optional[str]:
-        from trainers.trial import expected_footprint
+        from kdsearch.trainers.trial import expected_footprint
 
         if not self.limits:
             return None
@@ -238,7 +240,7 @@ class ConstraintCheck:
 def start_ray(address: Optional[str]) -> None:
     import ray
 
-    from search.latency import LATENCY_RESOURCE
+    from kdsearch.search.latency import LATENCY_RESOURCE
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -252,8 +254,6 @@ def start_ray(address: Optional[str]) -> None:
         try:
             ray.init(address=address, **common)
         except Exception as exc:
-            from search.cli import UserError
-
             raise UserError(f"--address {address}: cannot connect to the Ray cluster ({str(exc).splitlines()[0][:160]}); "
                             "fix: start it with cluster/local.sh up or check the address") from None
     else:
@@ -266,12 +266,10 @@ RESUME_FILE = "kdsearch.json"
 
 def run_search(options: SearchOptions, echo: Callable[[str], None] = echo) -> SearchResult:
     """Run a whole search and log it; returns the front and where it was logged."""
-    from search.tracking import ROLE_TAG, client, experiment_id
+    from kdsearch.search.tracking import ROLE_TAG, client, experiment_id
 
     space = load_space(options.space)
     if options.scheduler not in SCHEDULERS:
-        from search.cli import UserError
-
         raise UserError(f"--scheduler {options.scheduler}: unknown; fix: use one of {', '.join(SCHEDULERS)}")
     mlflow_client = client(options.tracking_uri)
     exp_id = experiment_id(mlflow_client, options.experiment, create=True)
@@ -301,9 +299,8 @@ def resume_search(path: str, echo: Callable[[str], None] = echo) -> SearchResult
     """Finish a search whose driver died: same Tune experiment, same MLflow parent run."""
     import yaml
 
-    from search.cli import UserError
-    from search.tracking import client
-    from spaces import parse_space
+    from kdsearch.search.tracking import client
+    from kdsearch.spaces import parse_space
 
     path = path if "://" in path else str(Path(path).resolve())
     meta_file = Path(path) / RESUME_FILE
@@ -323,13 +320,13 @@ def _drive(space: Space, options: SearchOptions, mlflow_client, exp_id: str, par
     import ray
     from ray import tune
 
-    from search import finalize
-    from search.latency import start_measurer
-    from search.pareto import reference_point
-    from search.recorder import SearchRecorder, is_final
-    from search.searchers import KDSearch, make_sampler
-    from search.tracking import ui_link
-    from trainers.trial import prepare
+    from kdsearch.search import finalize
+    from kdsearch.search.latency import start_measurer
+    from kdsearch.search.pareto import reference_point
+    from kdsearch.search.recorder import SearchRecorder, is_final
+    from kdsearch.search.searchers import KDSearch, make_sampler
+    from kdsearch.search.tracking import ui_link
+    from kdsearch.trainers.trial import prepare
 
     echo("preparing data and teacher (once for all trials)...")
     context = prepare(space)

@@ -14,7 +14,7 @@ same trial again replaces it.
 Formats and how each kind of student gets there:
 
 ==============  ===========================================  =========================================
-format          float student                                int8 student (``trainers.quantize``)
+format          float student                                int8 student (``kdsearch.trainers.quantize``)
 ==============  ===========================================  =========================================
 ``onnx``        ``student.onnx``: ``torch.onnx.export``      ``static_int8``: ``student.onnx`` as a QDQ
                 (dynamo exporter, dynamic batch axis)        graph (QuantizeLinear/DequantizeLinear
@@ -31,7 +31,7 @@ format          float student                                int8 student (``tra
                 (``torch.export.load(f).module()``)          (``torch.jit.load``): quantized modules
                                                              neither ``torch.export`` nor pickle.
 ``state_dict``  ``student.pt``: the trial's checkpoint as logged (load with
-                ``trainers.checkpoint.load_student``; ``weights_only`` safe)
+                ``kdsearch.trainers.checkpoint.load_student``; ``weights_only`` safe)
 ==============  ===========================================  =========================================
 
 Parity rule (:data:`TOLERANCE`): a float student's files must give logits within 1e-4 of the
@@ -64,8 +64,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from search.cli import UserError
-from trainers.quantize import dynamic_int8_copy
+from kdsearch.spaces.errors import ExportError, TrackingError, UserError
+from kdsearch.trainers.quantize import dynamic_int8_copy
 
 __all__ = [
     "FORMATS", "ExportError", "Exported", "Limits", "NoTrialFits", "Parity", "cmd_export", "export_student",
@@ -82,10 +82,6 @@ TOLERANCE = {"float": {"max_abs_diff": 1e-4, "acc_points": 0.1}, "int8": {"max_a
 CLOSEST = 3
 
 Predict = Callable[[torch.Tensor], np.ndarray]
-
-
-class ExportError(UserError):
-    """An export that cannot be written or does not match the in-process student (exit code 2)."""
 
 
 # --------------------------------------------------------------------------- selection
@@ -232,7 +228,7 @@ class Exported:
 
 def _predictions(predict: Predict, dataset: Any) -> tuple[np.ndarray, np.ndarray]:
     """Arg-max predictions and labels over ``dataset`` (batches of 512, in order)."""
-    from trainers.data import batches
+    from kdsearch.trainers.data import batches
 
     preds, labels = [], []
     for _, x, y in batches(dataset, 512):
@@ -263,7 +259,7 @@ class Reference:
 
 def reference_outputs(model: nn.Module, dataset: Any) -> Reference:
     """The in-process student on the first :data:`VAL_BATCH` validation samples and the whole set."""
-    from trainers.data import batches
+    from kdsearch.trainers.data import batches
 
     predict = torch_predict(model)
     _, x, _ = next(batches(dataset, VAL_BATCH))
@@ -418,7 +414,7 @@ def _sha256(path: Path) -> str:
 
 def rebuild(space: Any, config: Mapping[str, Any], checkpoint: Path, data: Any, trial: str = "the trial") -> nn.Module:
     """The trial's compressed student from its checkpoint, exactly as the search measured it."""
-    from search.latency import load_trial_student
+    from kdsearch.search.latency import load_trial_student
 
     try:
         with quiet_exporters():
@@ -435,7 +431,7 @@ def export_student(space: Any, config: Mapping[str, Any], checkpoint: Path, fold
     Returns the files, the in-process reference they were compared with, and the model.
     Raises :class:`ExportError` when a file cannot be written or misses :data:`TOLERANCE`.
     """
-    from trainers.quantize import quant_info
+    from kdsearch.trainers.quantize import quant_info
 
     model = rebuild(space, config, checkpoint, data, trial)
     info = quant_info(model)
@@ -460,7 +456,7 @@ def export_student(space: Any, config: Mapping[str, Any], checkpoint: Path, fold
                 shutil.copyfile(checkpoint, path)
                 kind = "kdsearch student checkpoint (trainers.checkpoint.load_student, weights_only)"
                 predict = torch_predict(rebuild(space, config, path, data, trial))
-                runtime = "trainers.checkpoint.load_student"
+                runtime = "kdsearch.trainers.checkpoint.load_student"
         except ExportError:
             raise
         except Exception as exc:
@@ -500,8 +496,6 @@ def _safe_name(name: str) -> str:
 
 
 def _download(c: Any, run_id: str, artifact: str, folder: Path, what: str) -> Path:
-    from search.tracking import TrackingError
-
     try:
         return Path(c.download_artifacts(run_id, artifact, str(folder)))
     except Exception:
@@ -512,7 +506,7 @@ def load_logged_space(c: Any, parent_id: str, folder: Path) -> Any:
     """The space the search ran, from its ``space.yaml`` artifact."""
     import yaml
 
-    from spaces import parse_space
+    from kdsearch.spaces import parse_space
 
     text = _download(c, parent_id, "space.yaml", folder, "the search's space").read_text()
     return parse_space(yaml.safe_load(text), text=text)
@@ -550,7 +544,7 @@ def log_student_model(run_id: str, model: nn.Module, example: torch.Tensor) -> s
     import mlflow
     from mlflow.models import infer_signature
 
-    from search.finalize import mlflow_flavour
+    from kdsearch.search.finalize import mlflow_flavour
 
     with torch.no_grad():
         output = model(example).numpy()
@@ -589,8 +583,8 @@ def versions() -> dict[str, str]:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Select, rebuild, write, verify, describe (``model_card.json``) and optionally register."""
-    from search.tracking import client, latest_search_run, read_artifact_json
-    from search.ui import require_store
+    from kdsearch.search.tracking import client, latest_search_run, read_artifact_json
+    from kdsearch.search.ui import require_store
 
     formats = parse_formats(args.format)
     limits = Limits(args.max_latency_ms, args.max_params, args.max_size_bytes).validate()
@@ -633,7 +627,7 @@ def _export_into(args: argparse.Namespace, c: Any, parent: Any, payload: Mapping
                  limits: Limits, formats: Sequence[str], dest: Path, trial: str,
                  echo: Callable[[str], None]) -> tuple[list[Exported], dict[str, Any]]:
     """Rebuild, write and verify in a staging folder, move it to ``dest``, then register."""
-    from trainers.data import load_data
+    from kdsearch.trainers.data import load_data
 
     parent_id = parent.info.run_id
     with tempfile.TemporaryDirectory() as tmp, \
@@ -672,7 +666,7 @@ def model_card(args: argparse.Namespace, parent: Any, payload: Mapping[str, Any]
                data: Any, limits: Limits, files: Sequence[Exported], reference: Reference,
                model: nn.Module) -> dict[str, Any]:
     """What was exported, from where, by which rule, and how well each file matches."""
-    from trainers.quantize import quant_info
+    from kdsearch.trainers.quantize import quant_info
 
     info = quant_info(model)
     front = payload.get("front", [])

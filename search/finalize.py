@@ -9,14 +9,14 @@ from typing import Any, Callable
 
 import torch
 
-from search.latency import load_trial_student, structure_key
-from search.pareto import hypervolume, pareto_front
-from search.recorder import SearchRecorder
-from search.report import architecture, front_table, write_plot_html, write_plot_png, write_trials_csv
-from search.tracking import log_json, log_metrics
-from spaces import Space
-from trainers.measure import Latency, measure_latency
-from trainers.quantize import quant_info
+from kdsearch.search.latency import load_trial_student, structure_key
+from kdsearch.search.pareto import hypervolume, pareto_front
+from kdsearch.search.recorder import SearchRecorder
+from kdsearch.search.report import architecture, front_table, write_plot_html, write_plot_png, write_trials_csv
+from kdsearch.search.tracking import log_json, log_metrics
+from kdsearch.spaces import Space
+from kdsearch.trainers.measure import Latency, measure_latency
+from kdsearch.trainers.quantize import quant_info
 
 
 def remeasure_latency(space: Space, context: Any, recorder: SearchRecorder, mlflow_client, echo: Callable[[str], None]) -> None:

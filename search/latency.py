@@ -18,9 +18,9 @@ import ray
 import torch
 from torch import nn
 
-from spaces import Space
-from trainers.checkpoint import load_student
-from trainers.measure import Latency, measure_latency
+from kdsearch.spaces import Space
+from kdsearch.trainers.checkpoint import load_student
+from kdsearch.trainers.measure import Latency, measure_latency
 
 #: the custom node resource that only the latency measurer holds
 LATENCY_RESOURCE = "kdsearch_latency"
@@ -70,7 +70,7 @@ def start_measurer(space: Space, input_shape: tuple[int, ...], num_classes: int)
 
 
 def remote_latency_fn(measurer: "ray.actor.ActorHandle", params: Mapping[str, Any]):
-    """A ``latency_fn`` for :func:`trainers.trial.run_trial` that asks the measurer."""
+    """A ``latency_fn`` for :func:`kdsearch.trainers.trial.run_trial` that asks the measurer."""
 
     def latency(model: nn.Module, example: torch.Tensor, artifact: Path) -> Latency:
         return ray.get(measurer.measure.remote(dict(params), Path(artifact).read_bytes(), example))

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional, Sequence
 import moocore
 import numpy as np
 
-from spaces import SpaceError
+from kdsearch.spaces import SpaceError
 
 Objectives = Mapping[str, str]  # metric -> "max" | "min"
 

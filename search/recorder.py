@@ -12,8 +12,8 @@ from typing import Any, Callable, Optional
 from mlflow.entities import Param
 from ray import tune
 
-from search.pareto import hypervolume, pareto_front
-from search.tracking import PARENT_TAG, STATUS_TAG, TRIAL_TAG, log_metrics, trial_runs
+from kdsearch.search.pareto import hypervolume, pareto_front
+from kdsearch.search.tracking import PARENT_TAG, STATUS_TAG, TRIAL_TAG, log_metrics, trial_runs
 
 COMPLETE, PRUNED, FAILED = "complete", "pruned", "failed"
 #: Tune's own result keys, not worth a metric history each

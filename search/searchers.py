@@ -17,7 +17,7 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from spaces import Space
+from kdsearch.spaces import Space
 
 SAMPLERS = ("nsga2", "tpe", "random")
 

@@ -17,16 +17,14 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
+from kdsearch.spaces.errors import TrackingError
+
 ROLE_TAG = "kdsearch.role"
 TRIAL_TAG = "kdsearch.trial_id"
 STATUS_TAG = "kdsearch.status"
 PARENT_TAG = "mlflow.parentRunId"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "kdsearch"
-
-
-class TrackingError(Exception):
-    """The tracking store cannot be used (unreachable, unknown experiment or run)."""
 
 
 def quiet_mlflow() -> None:

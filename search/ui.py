@@ -27,7 +27,7 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Any, Optional
 
-from search.cli import UserError
+from kdsearch.spaces.errors import UserError
 
 __all__ = ["cmd_ui", "latest_search_experiment", "port_free", "require_store", "server_command", "wait_until_up"]
 
@@ -65,7 +65,7 @@ def port_free(port: int, host: str = HOST) -> bool:
 
 def latest_search_experiment(c: Any) -> Optional[str]:
     """The experiment id of the most recent search (parent run) in the store, if any."""
-    from search.tracking import ROLE_TAG
+    from kdsearch.search.tracking import ROLE_TAG
 
     experiments = [e.experiment_id for e in c.search_experiments(max_results=1000)]
     if not experiments:
@@ -132,7 +132,7 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     """Start the UI, print its link, wait for Ctrl-C (or SIGTERM), stop the server."""
-    from search.tracking import client, ui_link
+    from kdsearch.search.tracking import client, ui_link
 
     port, uri, verbose = args.port, args.tracking_uri, bool(getattr(args, "verbose", False))
     if not 1 <= port <= 65535:

@@ -1,8 +1,8 @@
 """Declared search spaces: the schema, the student families and the built-in space files."""
 
-from spaces.families import Family, KnobModel, StagedNet, family_names, get_family, register_family
-from spaces.knobs import Choice, Fixed, FloatRange, IntRange, PinnedSuggester, RandomSuggester, Suggester
-from spaces.schema import (
+from kdsearch.spaces.families import Family, KnobModel, StagedNet, family_names, get_family, register_family
+from kdsearch.spaces.knobs import Choice, Fixed, FloatRange, IntRange, PinnedSuggester, RandomSuggester, Suggester
+from kdsearch.spaces.schema import (
     DEFAULT_SPACE,
     CompressConfig,
     DataConfig,

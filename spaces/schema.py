@@ -17,8 +17,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
-from spaces.families import Family, KnobModel, get_family, family_names
-from spaces.knobs import Choice, Fixed, FloatRange, IntRange, Knob, RandomSuggester, Suggester
+from kdsearch.spaces.errors import SpaceError
+from kdsearch.spaces.families import Family, KnobModel, get_family, family_names
+from kdsearch.spaces.knobs import Choice, Fixed, FloatRange, IntRange, Knob, RandomSuggester, Suggester
 
 BUILTIN_DIR = Path(__file__).parent
 DEFAULT_SPACE = BUILTIN_DIR / "digits.yaml"
@@ -28,12 +29,6 @@ KNOWN_METRICS = ("val_acc", "latency_ms", "params", "macs", "size_bytes")
 CONSTRAINT_KEYS = {f"max_{m}": m for m in ("params", "macs", "size_bytes", "latency_ms")} | {"min_val_acc": "val_acc"}
 
 
-class SpaceError(ValueError):
-    """A space file (or pinned parameters) that cannot be used; ``str()`` is one line."""
-
-    def __init__(self, path: str, problem: str, fix: str) -> None:
-        self.path, self.problem, self.fix = path, problem, fix
-        super().__init__(f"{path}: {problem}; fix: {fix}")
 
 
 def import_ref(ref: str, path: str) -> Any:

@@ -21,14 +21,14 @@ def teacher_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def digits_space():
-    from spaces import load_space
+    from kdsearch.spaces import load_space
 
     return load_space()
 
 
 @pytest.fixture(scope="session")
 def digits_context(digits_space, teacher_cache):
-    from trainers.trial import prepare
+    from kdsearch.trainers.trial import prepare
 
     return prepare(digits_space)
 
@@ -70,7 +70,7 @@ def write_module(tmp_path: Path, name: str, source: str, monkeypatch: pytest.Mon
 @pytest.fixture(scope="session")
 def digits_search(tmp_path_factory: pytest.TempPathFactory, teacher_cache):
     """One real search (Ray Tune + Optuna + MLflow) of six short trials, shared by the tests that read it."""
-    from search.driver import SearchOptions, run_search
+    from kdsearch.search.driver import SearchOptions, run_search
 
     folder = tmp_path_factory.mktemp("search")
     options = SearchOptions(num_samples=6, max_concurrent=2, epochs=3, grace_period=1, scheduler="asha",

@@ -18,12 +18,12 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from spaces import PinnedSuggester, RandomSuggester
-from spaces.families import ConvBlock, InvertedResidual, get_family
-from trainers.checkpoint import load_student, save_student
-from trainers.compress import is_pruned, prune_student, recalibrate_batchnorm
-from trainers.quantize import get_quantizer, quant_info, quantizer_names
-from trainers.trial import run_trial
+from kdsearch.spaces import PinnedSuggester, RandomSuggester
+from kdsearch.spaces.families import ConvBlock, InvertedResidual, get_family
+from kdsearch.trainers.checkpoint import load_student, save_student
+from kdsearch.trainers.compress import is_pruned, prune_student, recalibrate_batchnorm
+from kdsearch.trainers.quantize import get_quantizer, quant_info, quantizer_names
+from kdsearch.trainers.trial import run_trial
 
 SHAPE = (1, 8, 8)  # digits
 CLASSES = 10

@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from spaces import DataConfig, SpaceError
-from trainers import data
-from trainers.data import DataBundle, ImageFolderData, TensorData, batches, load_data
+from kdsearch.spaces import DataConfig, SpaceError
+from kdsearch.trainers import data
+from kdsearch.trainers.data import DataBundle, ImageFolderData, TensorData, batches, load_data
 
 # --------------------------------------------------------------------------- helpers
 
@@ -280,7 +280,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from trainers.data import in_memory_bundle
+from kdsearch.trainers.data import in_memory_bundle
 
 
 class Lazy(Dataset):
@@ -318,7 +318,7 @@ def tensors():
 
 
 def bundle(config_seed=0):
-    from spaces import DataConfig
+    from kdsearch.spaces import DataConfig
     y = np.arange(20) % 2
     return in_memory_bundle(np.random.rand(20, 3), y, DataConfig(seed=config_seed), "mine")
 

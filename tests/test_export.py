@@ -2,7 +2,7 @@
 
 The store is laid out as a search logs it (a parent run tagged ``kdsearch.role=search`` with
 ``space.yaml`` and ``pareto_front.json``, nested trial runs with ``student/student.pt``), but
-the trials are run directly with :func:`trainers.trial.run_trial` so their compression can be
+the trials are run directly with :func:`kdsearch.trainers.trial.run_trial` so their compression can be
 forced (float, pruned + static int8, dynamic int8) and no Ray search is needed.
 """
 
@@ -27,12 +27,12 @@ import pytest
 import torch
 
 from conftest import ROOT
-from search.cli import UserError, sample_params
-from search.export import (ExportError, Limits, NoTrialFits, cmd_export, export_student, parse_formats, rebuild,
+from kdsearch.search.cli import UserError, sample_params
+from kdsearch.search.export import (ExportError, Limits, NoTrialFits, cmd_export, export_student, parse_formats, rebuild,
                            select, violation)
-from search.report import architecture
-from search.tracking import PARENT_TAG, ROLE_TAG, TRIAL_TAG, client, log_json, log_metrics, ui_link
-from trainers.trial import prepare, run_trial
+from kdsearch.search.report import architecture
+from kdsearch.search.tracking import PARENT_TAG, ROLE_TAG, TRIAL_TAG, client, log_json, log_metrics, ui_link
+from kdsearch.trainers.trial import prepare, run_trial
 
 #: MLflow's SQLAlchemy and torch.jit.load announce their own deprecations
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -64,7 +64,7 @@ def digits_space():
     space whatever the built-in file's ranges become."""
     import yaml
 
-    from spaces import DEFAULT_SPACE, parse_space
+    from kdsearch.spaces import DEFAULT_SPACE, parse_space
 
     raw = yaml.safe_load(DEFAULT_SPACE.read_text())
     raw["teacher"].update(epochs=5, config={**raw["teacher"]["config"], "stages": 2, "channels": 16})
@@ -299,10 +299,10 @@ def test_export_student_works_without_mlflow(store, tmp_path, digits_space, digi
 
 # --------------------------------------------------------------------------- the command line
 
-#: the ``kdsearch`` entry point (``search.cli:main``). Not ``python -m search.cli``: run as
-#: ``__main__``, cli.py's ``UserError`` is another class than the ``search.cli.UserError`` that
+#: the ``kdsearch`` entry point (``kdsearch.search.cli:main``). Not ``python -m search.cli``: run as
+#: ``__main__``, cli.py's ``UserError`` is another class than the ``kdsearch.search.cli.UserError`` that
 #: search.export raises, so its one-line handler would miss it.
-KDSEARCH = (sys.executable, "-c", "import sys; from search.cli import main; sys.exit(main(sys.argv[1:]))")
+KDSEARCH = (sys.executable, "-c", "import sys; from kdsearch.search.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -381,7 +381,7 @@ def test_ui_serves_the_store_and_stops_on_ctrl_c(store, tmp_path):
 
 
 def test_a_missing_sqlite_store_is_refused_not_created(tmp_path):
-    from search.ui import cmd_ui
+    from kdsearch.search.ui import cmd_ui
 
     uri = f"sqlite:///{tmp_path}/nothing.db"
     with pytest.raises(UserError, match=r"^--tracking-uri sqlite:///.*nothing.db: no such database .*fix:"):
@@ -392,7 +392,7 @@ def test_a_missing_sqlite_store_is_refused_not_created(tmp_path):
 
 
 def test_ui_on_a_busy_port_is_one_line(tmp_path):
-    from search.ui import cmd_ui
+    from kdsearch.search.ui import cmd_ui
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -44,7 +44,7 @@ linux_only = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def space_file(tmp_path_factory) -> Path:
     """The built-in digits space with a cheap teacher and short post-pruning fine-tuning."""
-    from spaces import DEFAULT_SPACE
+    from kdsearch.spaces import DEFAULT_SPACE
 
     raw = yaml.safe_load(Path(DEFAULT_SPACE).read_text())
     raw["name"] = "digits-ft"
@@ -139,7 +139,7 @@ def read_state(tune_folder: str, timeout: float = 10) -> dict[str, dict]:
 
 def logged_search(tracking_uri: str, experiment: str):
     """The one parent run of ``experiment`` and its nested runs, with each run's val_acc steps."""
-    from search.tracking import PARENT_TAG, ROLE_TAG, client, experiment_id
+    from kdsearch.search.tracking import PARENT_TAG, ROLE_TAG, client, experiment_id
 
     c = client(tracking_uri)
     exp = experiment_id(c, experiment, create=False)
@@ -153,7 +153,7 @@ def logged_search(tracking_uri: str, experiment: str):
 
 def check_front(c, parent, runs) -> None:
     """pareto_front.json is exactly the brute-force front of the complete trials."""
-    from search.tracking import STATUS_TAG, read_artifact_json
+    from kdsearch.search.tracking import STATUS_TAG, read_artifact_json
 
     complete = [{"trial": r.info.run_name, **{m: r.data.metrics[m] for m in OBJECTIVES}}
                 for r in runs if r.data.tags[STATUS_TAG] == "complete"]
@@ -164,7 +164,7 @@ def check_front(c, parent, runs) -> None:
 
 
 def check_one_run_per_trial(runs, trial_ids) -> None:
-    from search.tracking import STATUS_TAG, TRIAL_TAG
+    from kdsearch.search.tracking import STATUS_TAG, TRIAL_TAG
 
     logged = [r.data.tags.get(TRIAL_TAG) for r in runs]
     assert sorted(logged) == sorted(trial_ids), "each trial must have exactly one nested run"
@@ -194,8 +194,8 @@ def cluster(tmp_path, space_file, teacher_cache):
     up = subprocess.Popen(["bash", str(LOCAL_SH), "up", "--workers", "1"], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        from spaces import load_space
-        from trainers.trial import prepare
+        from kdsearch.spaces import load_space
+        from kdsearch.trainers.trial import prepare
 
         note("local.sh up started; preparing the teacher")
         prepare(load_space(str(space_file)))  # trains and caches the teacher the driver will load
@@ -217,7 +217,7 @@ NODE_EPOCHS = 6  # long enough that a trial on the worker is caught mid-distilla
 NODE_LOSS_DRIVER = textwrap.dedent(
     """
     import json, sys
-    from search.driver import SearchOptions, run_search
+    from kdsearch.search.driver import SearchOptions, run_search
 
     address, folder, space = sys.argv[1:4]
     options = SearchOptions(space=space, address=address, num_samples=4, max_concurrent=2, epochs=%d, max_failures=3,
@@ -258,7 +258,7 @@ def test_search_survives_losing_a_worker_node(cluster, tmp_path, space_file):
     """SIGKILL the worker node while a trial trains there: Tune retries that trial from its last
     epoch checkpoint (on the head, or on the worker once it is back), and the search ends with
     every trial complete, each in exactly one MLflow run."""
-    from search.tracking import TRIAL_TAG, client
+    from kdsearch.search.tracking import TRIAL_TAG, client
 
     state, env = cluster["state"], cluster["env"]
     folder = tmp_path / "search"
@@ -384,7 +384,7 @@ def test_killed_driver_resumes_into_the_same_mlflow_search(tmp_path, space_file,
     # state on disk soon shows the first trials as ended
     env["TUNE_GLOBAL_CHECKPOINT_S"] = "1"
     run = subprocess.Popen(
-        [sys.executable, "-m", "search.cli", "run", str(space_file), "--num-samples", "6", "--max-concurrent", "2",
+        [sys.executable, "-m", "kdsearch.search.cli", "run", str(space_file), "--num-samples", "6", "--max-concurrent", "2",
          "--epochs", str(EPOCHS), "--scheduler", "none", "--tracking-uri", uri, "--experiment", "resume",
          "--storage", str(tmp_path / "ray")],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -423,7 +423,7 @@ def test_killed_driver_resumes_into_the_same_mlflow_search(tmp_path, space_file,
         assert len(ended) >= 2
 
         note("Ray's processes are gone; resuming")
-        resume = subprocess.run([sys.executable, "-m", "search.cli", "resume", folder], cwd=ROOT, env=env,
+        resume = subprocess.run([sys.executable, "-m", "kdsearch.search.cli", "resume", folder], cwd=ROOT, env=env,
                                 capture_output=True, text=True, timeout=360)
         note(f"resume ended: {resume.returncode}")
         assert resume.returncode == 0, resume.stderr[-6000:]
@@ -436,7 +436,7 @@ def test_killed_driver_resumes_into_the_same_mlflow_search(tmp_path, space_file,
     trials = read_state(folder)
     assert len(trials) == 6 and {t["status"] for t in trials.values()} == {"TERMINATED"}, trials
 
-    from search.tracking import TRIAL_TAG
+    from kdsearch.search.tracking import TRIAL_TAG
 
     c, parent, runs, steps = logged_search(uri, "resume")
     assert parent.info.status == "FINISHED"

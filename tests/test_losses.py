@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from spaces import DistillConfig
-from trainers.losses import FeatureHints, Outputs, build_distill_loss, hinted_stages, kd_loss, paired_student_stage
+from kdsearch.spaces import DistillConfig
+from kdsearch.trainers.losses import FeatureHints, Outputs, build_distill_loss, hinted_stages, kd_loss, paired_student_stage
 
 
 def test_kd_loss_matches_hand_computation():

@@ -11,7 +11,7 @@ import pytest
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from search.schedulers import ParetoASHA, crowding_distance, nondominated_ranks, rung_milestones
+from kdsearch.search.schedulers import ParetoASHA, crowding_distance, nondominated_ranks, rung_milestones
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
 

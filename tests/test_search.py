@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from search.pareto import hypervolume, pareto_front, pareto_mask, reference_point
-from spaces import SpaceError
-from search.tracking import PARENT_TAG, ROLE_TAG, STATUS_TAG, client, latest_search_run, read_artifact_json
+from kdsearch.search.pareto import hypervolume, pareto_front, pareto_mask, reference_point
+from kdsearch.spaces import SpaceError
+from kdsearch.search.tracking import PARENT_TAG, ROLE_TAG, STATUS_TAG, client, latest_search_run, read_artifact_json
 
 from conftest import ROOT, dominates
 
@@ -127,7 +127,7 @@ def test_progress_and_front_table_are_shown(digits_search):
 def test_pareto_cli_prints_the_logged_front(digits_search, logged):
     c, parent, _ = logged
     uri = digits_search["options"].tracking_uri
-    proc = subprocess.run([sys.executable, "-m", "search.cli", "pareto", "--json", "--tracking-uri", uri,
+    proc = subprocess.run([sys.executable, "-m", "kdsearch.search.cli", "pareto", "--json", "--tracking-uri", uri,
                            "--experiment", "e2e"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == read_artifact_json(c, parent.info.run_id, "pareto_front.json")
@@ -139,7 +139,7 @@ def test_pareto_cli_prints_the_logged_front(digits_search, logged):
 ])
 def test_pareto_cli_errors_are_one_line_exit_2(digits_search, args, needle):
     base = ["--tracking-uri", digits_search["options"].tracking_uri]
-    proc = subprocess.run([sys.executable, "-m", "search.cli", "pareto", *base, *args], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "kdsearch.search.cli", "pareto", *base, *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

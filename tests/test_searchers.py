@@ -7,11 +7,11 @@ import yaml
 from optuna.trial import TrialState
 from ray.tune.stopper import Stopper
 
-from search.driver import ConstraintCheck, EpochBudget, report_points, scheduler_objectives
-from search.recorder import is_final
-from search.searchers import KDSearch, make_sampler
-from spaces import DEFAULT_SPACE, parse_space
-from trainers.trial import expected_footprint
+from kdsearch.search.driver import ConstraintCheck, EpochBudget, report_points, scheduler_objectives
+from kdsearch.search.recorder import is_final
+from kdsearch.search.searchers import KDSearch, make_sampler
+from kdsearch.spaces import DEFAULT_SPACE, parse_space
+from kdsearch.trainers.trial import expected_footprint
 
 
 def tight_space(max_params: int):

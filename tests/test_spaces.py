@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from spaces import DEFAULT_SPACE, Space, SpaceError, load_space, parse_space
-from spaces.knobs import Choice, FloatRange, IntRange, PinnedSuggester, RandomSuggester
+from kdsearch.spaces import DEFAULT_SPACE, Space, SpaceError, load_space, parse_space
+from kdsearch.spaces.knobs import Choice, FloatRange, IntRange, PinnedSuggester, RandomSuggester
 
 from conftest import ROOT, write_module
 
@@ -61,7 +61,7 @@ def test_validate_cli_bad_width_is_one_line_exit_2(tmp_path):
     raw["students"]["cnn"]["channels"] = "wide"
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(raw))
-    proc = subprocess.run([sys.executable, "-m", "search.cli", "validate", str(bad)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "kdsearch.search.cli", "validate", str(bad)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -69,7 +69,7 @@ def test_validate_cli_bad_width_is_one_line_exit_2(tmp_path):
 
 
 def test_validate_cli_prints_resolved_space():
-    proc = subprocess.run([sys.executable, "-m", "search.cli", "validate"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "kdsearch.search.cli", "validate"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     printed = yaml.safe_load(proc.stdout)
@@ -132,7 +132,7 @@ def test_sampling_is_seeded_and_conditional(digits_space: Space):
 def test_user_family_from_module_attr(tmp_path, monkeypatch):
     write_module(tmp_path, "my_family", textwrap.dedent("""
         from torch import nn
-        from spaces import StagedNet
+        from kdsearch.spaces import StagedNet
         def build(config, input_shape, num_classes):
             width = config["width"]
             return StagedNet(nn.Flatten(), [nn.Sequential(nn.Linear(64, width), nn.ReLU())], nn.Linear(width, num_classes))

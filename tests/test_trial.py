@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-from spaces import DEFAULT_SPACE, PinnedSuggester, RandomSuggester, SpaceError, parse_space
-from trainers import teachers
-from trainers.measure import accuracy
-from trainers.trial import TrialDiverged, prepare, run_trial
+from kdsearch.spaces import DEFAULT_SPACE, PinnedSuggester, RandomSuggester, SpaceError, parse_space
+from kdsearch.trainers import teachers
+from kdsearch.trainers.measure import accuracy
+from kdsearch.trainers.trial import TrialDiverged, prepare, run_trial
 
 from conftest import ROOT, write_module
 
@@ -61,8 +61,8 @@ def test_reports_inside_epochs_come_at_the_asked_progress(digits_space, digits_c
 
 
 def test_latency_is_measured_once_before_training_on_the_shipped_structure(digits_space, digits_context, tmp_path):
-    from trainers.checkpoint import load_student
-    from trainers.measure import measure_latency
+    from kdsearch.trainers.checkpoint import load_student
+    from kdsearch.trainers.measure import measure_latency
 
     measured, reports = [], []
 
@@ -116,7 +116,7 @@ def test_resume_continues_from_the_reported_state(digits_space, digits_context):
 NAN_FAMILY = textwrap.dedent("""
     import torch
     from torch import nn
-    from spaces import StagedNet
+    from kdsearch.spaces import StagedNet
 
     class Poison(nn.Module):
         def forward(self, x):
@@ -156,7 +156,7 @@ def test_teacher_with_wrong_classes_is_refused_before_training(tmp_path, monkeyp
 
 
 def test_trial_cli_prints_summary_and_json_last_line(digits_context):
-    proc = subprocess.run([sys.executable, "-m", "search.cli", "trial", "--seed", "0", "--epochs", "2",
+    proc = subprocess.run([sys.executable, "-m", "kdsearch.search.cli", "trial", "--seed", "0", "--epochs", "2",
                            "--params", json.dumps({"student.family": "mlp", "compress.quantize": "dynamic_int8"})],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -168,7 +168,7 @@ def test_trial_cli_prints_summary_and_json_last_line(digits_context):
 
 
 def test_trial_cli_bad_params_is_one_line_exit_2():
-    proc = subprocess.run([sys.executable, "-m", "search.cli", "trial", "--params", '{"student.cnn.kernel": 9}'],
+    proc = subprocess.run([sys.executable, "-m", "kdsearch.search.cli", "trial", "--params", '{"student.cnn.kernel": 9}'],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "student.cnn.kernel" in proc.stderr

@@ -47,8 +47,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from trainers.compress import PRUNED_ATTR, apply_structure, capture_structure, is_pruned
-from trainers.quantize import QuantInfo, get_quantizer, quant_info, quiet
+from kdsearch.trainers.compress import PRUNED_ATTR, apply_structure, capture_structure, is_pruned
+from kdsearch.trainers.quantize import QuantInfo, get_quantizer, quant_info, quiet
 
 __all__ = ["FORMAT", "VERSION", "load_student", "read_artifact", "save_student"]
 
@@ -155,8 +155,8 @@ def _unpack(value: Any, buffers: dict[str, torch.Tensor]) -> Any:
 def save_student(model: nn.Module, path: str | Path, meta: dict) -> int:
     """Write the deployable artifact of ``model`` to ``path``; return its size in bytes.
 
-    ``model`` is a float student (pruned or not, see ``trainers.compress.prune_student``) or
-    one returned by a ``trainers.quantize`` quantizer. ``meta`` must be JSON-able (the
+    ``model`` is a float student (pruned or not, see ``kdsearch.trainers.compress.prune_student``) or
+    one returned by a ``kdsearch.trainers.quantize`` quantizer. ``meta`` must be JSON-able (the
     family config, input shape, classes, ...): it is what the loader needs to call ``build``.
     The write is atomic (a temporary file renamed over ``path``).
     """

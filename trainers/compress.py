@@ -9,11 +9,11 @@ smaller dense network: fewer parameters, fewer MACs, fewer bytes, lower latency.
 Pruning is *per layer* (every prunable group loses the same fraction of its channels), so
 the pruned size depends only on the architecture and the ratio, never on the weights: the
 driver can predict a trial's footprint before training it (see
-``trainers.trial.expected_footprint``).
+``kdsearch.trainers.trial.expected_footprint``).
 
 A pruned model has layer shapes its config no longer describes. :func:`capture_structure`
 and :func:`apply_structure` record and re-apply them as plain ints and lists, which is what
-lets ``trainers.checkpoint`` reload a pruned student with ``torch.load(weights_only=True)``
+lets ``kdsearch.trainers.checkpoint`` reload a pruned student with ``torch.load(weights_only=True)``
 (Torch-Pruning's own ``tp.state_dict`` pickles whole module ``__dict__``s and cannot be
 loaded that way).
 """

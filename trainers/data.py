@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from spaces import DataConfig, SpaceError, import_ref
+from kdsearch.spaces import DataConfig, SpaceError, import_ref
 
 
 class TensorData(Dataset):

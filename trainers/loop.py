@@ -9,12 +9,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from spaces import TrainConfig
-from trainers.data import batches
-
-
-class TrialDiverged(RuntimeError):
-    """The loss became NaN or infinite: the trial ends as failed, the search goes on."""
+from kdsearch.spaces import TrainConfig
+from kdsearch.spaces.errors import TrialDiverged
+from kdsearch.trainers.data import batches
 
 
 StepLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

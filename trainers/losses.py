@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spaces import DistillConfig
+from kdsearch.spaces import DistillConfig
 
 
 @dataclass

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from trainers.data import batches
+from kdsearch.trainers.data import batches
 
 
 @torch.inference_mode()

@@ -1,7 +1,7 @@
 """Post-training quantization behind one small interface.
 
 A trial only calls ``get_quantizer(name).quantize(model, calib, example)`` and records
-``quantizer.backend``; ``trainers.checkpoint`` calls ``rebuild`` to re-create the quantized
+``quantizer.backend``; ``kdsearch.trainers.checkpoint`` calls ``rebuild`` to re-create the quantized
 structure before loading int8 weights. Every ``torch.ao`` import lives in this file, so the
 deprecated ``torch.ao.quantization`` flow can be swapped for torchao's PT2E flow
 (``prepare_pt2e``/``convert_pt2e``) by registering another :class:`Quantizer`, without
@@ -35,7 +35,7 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Optional
 import torch
 from torch import nn
 
-from trainers.compress import capture_structure, is_pruned
+from kdsearch.trainers.compress import capture_structure, is_pruned
 
 __all__ = [
     "QuantInfo",
@@ -122,7 +122,7 @@ class Quantizer(ABC):
         """The quantized structure of a float ``model`` without meaningful calibration.
 
         Its weights and quantization parameters are placeholders: load the saved int8
-        state_dict into it (``trainers.checkpoint.load_student`` does).
+        state_dict into it (``kdsearch.trainers.checkpoint.load_student`` does).
         """
         model = model.cpu().eval()
         example = torch.zeros(info.example_shape)

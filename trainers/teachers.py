@@ -23,11 +23,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from spaces import SpaceError, TeacherConfig, TrainConfig, get_family, import_ref
-from trainers.data import DataBundle, batches
-from trainers.losses import Outputs
-from trainers.loop import cosine_lr, make_optimizer, steps_per_epoch, train_epoch
-from trainers.measure import accuracy, count_macs, count_params, measure_latency
+from kdsearch.spaces import SpaceError, TeacherConfig, TrainConfig, get_family, import_ref
+from kdsearch.trainers.data import DataBundle, batches
+from kdsearch.trainers.losses import Outputs
+from kdsearch.trainers.loop import cosine_lr, make_optimizer, steps_per_epoch, train_epoch
+from kdsearch.trainers.measure import accuracy, count_macs, count_params, measure_latency
 
 log = logging.getLogger("kdsearch")
 

@@ -19,15 +19,15 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 import torch
 from torch import nn
 
-from spaces import Choice, Fixed, Space, SpaceError, TrialConfig
-from trainers.checkpoint import save_student
-from trainers.compress import prune_student, recalibrate_batchnorm
-from trainers.data import DataBundle, batches, load_data
-from trainers.loop import OnFraction, TrialDiverged, cosine_lr, make_optimizer, steps_per_epoch, train_epoch
-from trainers.losses import DistillLoss, Outputs, build_distill_loss, kd_loss
-from trainers.measure import Latency, accuracy, count_macs, count_params, measure_latency
-from trainers.quantize import get_quantizer
-from trainers.teachers import TeacherTargets, compute_targets, load_teacher
+from kdsearch.spaces import Choice, Fixed, Space, SpaceError, TrialConfig
+from kdsearch.trainers.checkpoint import save_student
+from kdsearch.trainers.compress import prune_student, recalibrate_batchnorm
+from kdsearch.trainers.data import DataBundle, batches, load_data
+from kdsearch.trainers.loop import OnFraction, TrialDiverged, cosine_lr, make_optimizer, steps_per_epoch, train_epoch
+from kdsearch.trainers.losses import DistillLoss, Outputs, build_distill_loss, kd_loss
+from kdsearch.trainers.measure import Latency, accuracy, count_macs, count_params, measure_latency
+from kdsearch.trainers.quantize import get_quantizer
+from kdsearch.trainers.teachers import TeacherTargets, compute_targets, load_teacher
 
 log = logging.getLogger("kdsearch")
 
