@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/kdsearch run --num-samples 24 --experiment kdsearch-demo
-	$(BIN)/kdsearch export --experiment kdsearch-demo --max-latency-ms 2 --out exports/demo
+	$(BIN)/kdsearch run --num-samples 24
+	$(BIN)/kdsearch export --max-latency-ms 2 --out exports/demo
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -28,4 +28,4 @@ bench: install
 	$(BIN)/python benchmarks/compression.py
 
 clean:
-	rm -rf $(VENV) mlflow.db exports build *.egg-info
+	rm -rf $(VENV) mlflow.db mlartifacts ray_results exports build *.egg-info

@@ -212,13 +212,14 @@ def print_table(model: str, variants: list[Variant], rows: dict[str, dict[str, A
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] + " Writes no files (artifacts go to a "
+                                     "temporary folder).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--epochs", type=int, default=8, help="distillation epochs (once per model)")
     parser.add_argument("--finetune-epochs", type=int, default=3, help="KD fine-tune epochs after pruning")
     parser.add_argument("--rounds", type=int, default=10, help="round-robin latency rounds")
     parser.add_argument("--runs", type=int, default=100, help="timed runs per latency measurement (>= 30)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--seed", type=int, default=0, help="seed of the distillation")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS), help="reference students")
     parser.add_argument("--mlp-int8", choices=("static_int8", "dynamic_int8"), default=MODELS["mlp"]["int8"],
                         help="the MLP's int8 quantizer (the CNN always uses static_int8)")
     args = parser.parse_args()

@@ -17,7 +17,11 @@ Reported per budget: mean HV at the budget (fraction of the reference box), and 
 mean curve needs to reach random search's mean HV at the budget. Last line is one JSON object.
 
     python benchmarks/scheduler_replay.py                      # the committed pool
-    python benchmarks/scheduler_replay.py --record 150         # record a new pool first (~15 min)
+    python benchmarks/scheduler_replay.py --record 150         # record a new pool first (~15 min), into --out
+
+The committed pool, ``benchmarks/results/replay_pool.json``, keeps each accuracy as a count of
+correct validation samples (``curve_correct``, ``val_correct``; accuracy = count / ``val_size``,
+the same floats as recorded); ``load_pool`` reads it, and a recorded pool is written that way too.
 """
 
 from __future__ import annotations
@@ -36,10 +40,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from kdsearch.search.pareto import hypervolume  # noqa: E402
-from search_quality import at, box_volume  # noqa: E402  (benchmarks/ is the script's folder)
+from kdsearch.search.pareto import box_volume, hypervolume  # noqa: E402
+from search_quality import HelpFormatter, at  # noqa: E402  (benchmarks/ is the script's folder)
 
 POOL = ROOT / "benchmarks" / "results" / "replay_pool.json"
+#: where --record writes its pool unless --out says otherwise: ignored by git, never the committed pool
+DEFAULT_OUT = ROOT / "benchmarks" / "out"
 OBJECTIVES = {"val_acc": "max", "latency_ms": "min", "params": "min"}
 
 
@@ -79,9 +85,42 @@ def record(count: int, path: Path, seed: int, reports_per_epoch: int) -> None:
                      "macs": float(final["macs"]), "val_acc": float(final["val_acc"]), "latency_ms": float(final["latency_ms"]),
                      "config": {k: v for k, v in config.items() if k.split(".")[0] in ("student", "compress")}})
         print(f"[{len(pool)}/{count}] {config['student.family']:<9} val_acc {final['val_acc']:.3f}", file=sys.stderr, flush=True)
-    path.write_text(json.dumps({"reference_point": reference, "seed": seed, "reports_per_epoch": reports_per_epoch,
-                                "trials": pool}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    saved = {"reference_point": reference, "seed": seed, "reports_per_epoch": reports_per_epoch, "trials": pool}
+    path.write_text(json.dumps(pack_pool(saved, len(data.val))))
     print(f"recorded {len(pool)} complete trials into {path}", file=sys.stderr)
+
+
+def pack_pool(saved: dict[str, Any], val_size: int) -> dict[str, Any]:
+    """The pool with each accuracy as a count of correct samples out of ``val_size``, when that is exact.
+
+    Accuracies are count / val_size floats; a count is a third of the characters and gives back
+    the very same float. A pool whose accuracies are not such fractions is left as it is.
+    """
+    def count(acc: float) -> int | None:
+        k = round(acc * val_size)
+        return k if k / val_size == acc else None
+
+    trials = []
+    for trial in saved["trials"]:
+        counts = [count(a) for a in trial["curve"]]
+        final = count(trial["val_acc"])
+        if final is None or None in counts:
+            return saved
+        packed = {k: v for k, v in trial.items() if k not in ("curve", "val_acc")}
+        trials.append({**packed, "curve_correct": counts, "val_correct": final})
+    return {**{k: v for k, v in saved.items() if k != "trials"}, "val_size": val_size, "trials": trials}
+
+
+def load_pool(path: Path) -> dict[str, Any]:
+    """A pool file, packed (``pack_pool``) or not, with every trial's ``curve`` and ``val_acc`` as floats."""
+    saved = json.loads(path.read_text())
+    n = saved.get("val_size")
+    if n:
+        saved["trials"] = [{**{k: v for k, v in t.items() if k not in ("curve_correct", "val_correct")},
+                            "curve": [k / n for k in t["curve_correct"]], "val_acc": t["val_correct"] / n}
+                           for t in saved["trials"]]
+    return saved
 
 
 class Oracle:
@@ -158,21 +197,28 @@ def methods(reference: dict[str, float], box: float, max_t: float, graces: list[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pool", default=str(POOL), help="recorded trials (default: the committed pool)")
-    parser.add_argument("--record", type=int, help="first record a new pool of this many random trials into --pool")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser.add_argument("--pool", help="recorded trials to replay (default: the committed pool, "
+                        "benchmarks/results/replay_pool.json; with --record: the new one)")
+    parser.add_argument("--record", type=int, help="first record a new pool of this many random trials into "
+                        "OUT/replay_pool.json, then replay it")
+    parser.add_argument("--out", help="folder --record writes into (default: benchmarks/out/, ignored by git)")
     parser.add_argument("--reports-per-epoch", type=int, default=12, help="with --record: accuracy this often an epoch")
     parser.add_argument("--budgets", default="120,240,480", help="comma-separated compute budgets (epochs)")
     parser.add_argument("--graces", default="1,0.3333333333333333,0.25",
                         help="comma-separated first rungs (epochs), each a multiple of 1/reports-per-epoch")
-    parser.add_argument("--reduction-factor", type=int, default=3)
+    parser.add_argument("--reduction-factor", type=int, default=3, help="eta of both schedulers")
     parser.add_argument("--replays", type=int, default=100, help="replayed searches per method and budget")
-    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--seed", type=int, default=7, help="seed of the recorded trials (with --record)")
     args = parser.parse_args()
-    path = Path(args.pool)
     if args.record:
+        if args.pool:
+            parser.error("--pool with --record: the new pool goes to OUT/replay_pool.json; fix: give --out instead")
+        path = Path(args.out or DEFAULT_OUT) / "replay_pool.json"
         record(args.record, path, args.seed, args.reports_per_epoch)
-    saved = json.loads(path.read_text())
+    else:
+        path = Path(args.pool or POOL)
+    saved = load_pool(path)
     pool, reference = saved["trials"], saved["reference_point"]
     per_epoch = int(saved.get("reports_per_epoch", 1))
     graces = [float(g) for g in args.graces.split(",")]

@@ -34,10 +34,14 @@ as ``random_front_epochs``), so no stopping rule over a sampler that draws as ra
 could reach that front with half the compute, however well it stopped the rest.
 
 Per method: mean +- std HV at the budget, and the compute at which the mean curve first
-reaches random search's mean HV at the budget. Plot: ``benchmarks/results/search_quality.png``;
-figures: ``benchmarks/results/search_quality.json``. Last line is one JSON object.
+reaches random search's mean HV at the budget. Writes into ``--out`` (default ``benchmarks/out/``,
+ignored by git): ``TAG.json``, the summary (``summary_doc``: per method the HV per seed, mean and
+std, the mean HV-vs-epochs curve at about 100 points, trial counts), ``TAG.png``, its plot, and
+``TAG.runs.json``, every run in full (curves, one record per trial) for ``--from-json`` and
+``--remeasure``. Only summaries are committed, under ``benchmarks/results/``. Last line printed
+is one JSON object.
 
-    python benchmarks/search_quality.py [--quick] [--seeds 3] [--budget 480] [--epochs N]
+    python benchmarks/search_quality.py [--quick] [--seeds 3] [--budget 480] [--epochs N] [--out DIR]
     python benchmarks/search_quality.py --from-json benchmarks/results/search_quality.json   # table + plot again
 """
 
@@ -67,8 +71,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from kdsearch.search.driver import SearchOptions, run_search  # noqa: E402
-from kdsearch.search.pareto import hypervolume  # noqa: E402
+from kdsearch.search.driver import run_search  # noqa: E402
+from kdsearch.search.options import SearchOptions  # noqa: E402
+from kdsearch.search.pareto import box_volume, hypervolume  # noqa: E402
 from kdsearch.spaces import load_space  # noqa: E402
 
 #: name -> (searcher, scheduler)
@@ -80,6 +85,11 @@ METHODS = {
     "tpe+pasha": ("tpe", "pareto-asha"),  # beyond the issue's four: a sampler that learns from the stopped trials
 }
 EXPERIMENT = "search-quality"
+#: the driver's first rung (epochs) and eta, the defaults here too
+DRIVER_GRACE = SearchOptions.model_fields["grace_period"].default
+DRIVER_ETA = SearchOptions.model_fields["reduction_factor"].default
+#: where results go unless --out says otherwise: ignored by git, so a run never overwrites committed results
+DEFAULT_OUT = ROOT / "benchmarks" / "out"
 
 
 def say(msg: str) -> None:
@@ -161,11 +171,6 @@ def hv_curve(events: list[tuple[str, float, float]], rows: list[dict[str, Any]],
     return curve
 
 
-def box_volume(reference: dict[str, float], objectives: dict[str, str]) -> float:
-    """The reference box's volume: HV of a perfect point (accuracy 1, zero cost), so HV / box is a fraction."""
-    return math.prod(abs(reference[m] - (1.0 if d == "max" else 0.0)) for m, d in objectives.items())
-
-
 def at(curve: list[tuple[float, float]], compute: float) -> float:
     """The step curve's value once ``compute`` epochs have been spent."""
     value = 0.0
@@ -176,6 +181,32 @@ def at(curve: list[tuple[float, float]], compute: float) -> float:
     return value
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each default; an option whose default is worked out at run time says so in its own help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+class MessageLog(logging.Handler):
+    """Keeps the messages of the "kdsearch" logger."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def complete_rows(trials: Any) -> list[dict[str, Any]]:
+    """The complete trials of a ``SearchResult.trials`` DataFrame as dicts, missing figures as None."""
+    rows = trials[trials["status"] == "complete"].to_dict("records")
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()} for row in rows]
+
+
 def one_search(method: str, seed: int, args: argparse.Namespace, space_path: str, reference: dict[str, float],
                macs_reference: dict[str, float], tmp: Path, tracking_uri: str) -> dict[str, Any]:
     from kdsearch.search.tracking import client
@@ -183,33 +214,38 @@ def one_search(method: str, seed: int, args: argparse.Namespace, space_path: str
     searcher, scheduler = METHODS[method]
     storage = tmp / f"ray-{method}-{seed}"
     options = SearchOptions(
-        space=space_path, num_samples=args.num_samples, max_concurrent=args.max_concurrent, tracking_uri=tracking_uri,
+        num_samples=args.num_samples, max_concurrent=args.max_concurrent, tracking_uri=tracking_uri,
         experiment=EXPERIMENT, storage=str(storage), seed=seed, searcher=searcher, scheduler=scheduler,
         epochs=args.epochs, grace_period=args.grace_period, reduction_factor=args.reduction_factor,
-        name=f"{method}-seed{seed}", budget_epochs=args.budget, log_models=False,
+        name=f"{method.replace('+', '-')}-seed{seed}", budget_epochs=args.budget, log_models=False,
     )
-    messages: list[str] = []
+    messages = MessageLog()  # the search logs to the "kdsearch" logger; shown only if it fails
+    logger = logging.getLogger("kdsearch")
+    logger.addHandler(messages)
     started = time.perf_counter()
     try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # the front table and Ray chatter
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # Ray chatter
             warnings.simplefilter("ignore")
-            result = run_search(options, messages.append)
+            result = run_search(space_path, options=options)
     except BaseException:
-        say("  the search failed; its last messages:\n    " + "\n    ".join(messages[-15:]))
+        say("  the search failed; its last messages:\n    " + "\n    ".join(messages.lines[-15:]))
         raise
+    finally:
+        logger.removeHandler(messages)
     wall = time.perf_counter() - started
     shutil.rmtree(storage, ignore_errors=True)
 
     objectives = load_space(space_path).objectives
+    rows = complete_rows(result.trials)
     events, trial_runs_ = timeline(client(tracking_uri), result.parent_run_id)
     trials = len(trial_runs_)
-    curve = hv_curve(events, result.rows, objectives, reference)
+    curve = hv_curve(events, rows, objectives, reference)
     macs_objectives = {"val_acc": "max", "macs": "min", "params": "min"}
-    macs_curve = hv_curve(events, result.rows, macs_objectives, macs_reference)
+    macs_curve = hv_curve(events, rows, macs_objectives, macs_reference)
     box = box_volume(reference, objectives)
     macs_box = box_volume(macs_reference, macs_objectives)
-    if not math.isclose(curve[-1][1], result.hypervolume, rel_tol=1e-9, abs_tol=1e-12):
-        say(f"  warning: reconstructed final HV {curve[-1][1]:.6g} != search's {result.hypervolume:.6g}")
+    if not math.isclose(curve[-1][1] / box, result.hypervolume, rel_tol=1e-9, abs_tol=1e-12):  # a fraction of the box
+        say(f"  warning: reconstructed final HV {curve[-1][1] / box:.6g} != search's {result.hypervolume:.6g}")
     counts = result.counts
     return {
         "method": method, "seed": seed, "wall_s": round(wall, 1), "epochs_spent": round(curve[-1][0], 2), "trials": trials,
@@ -219,8 +255,8 @@ def one_search(method: str, seed: int, args: argparse.Namespace, space_path: str
         "hv_macs_budget": at(macs_curve, args.budget) / macs_box,
         "front": len(result.front), "parent_run_id": result.parent_run_id,
         "curve": [(c, v / box) for c, v in curve], "macs_curve": [(c, v / macs_box) for c, v in macs_curve],
-        "latency_ms_max": max((r["latency_ms"] for r in result.rows), default=None),
-        "trial_records": trial_records(trial_runs_, events, result.rows),
+        "latency_ms_max": max((r["latency_ms"] for r in rows), default=None),
+        "trial_records": trial_records(trial_runs_, events, rows),
     }
 
 
@@ -321,23 +357,26 @@ def summarise(runs: list[dict[str, Any]], methods: list[str], budget: int, key: 
     return {"target": target, "methods": out}
 
 
-def plot(summary: dict[str, Any], macs_summary: dict[str, Any], budget: int, path: Path, title: str) -> None:
+def plot(doc: dict[str, Any], path: Path) -> None:
+    """HV against compute, mean +- 1 std over seeds, from a summary document's curves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    config, grid = doc["config"], np.array(doc["curve_epochs"])
+    budget = config["budget_epochs"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for ax, data, label in ((axes[0], summary, "HV (val_acc, latency_ms, params)"),
-                            (axes[1], macs_summary, "HV with MACs for latency (no timing noise)")):
-        grid = np.arange(budget + 1)
-        for method, s in data["methods"].items():
-            mean, std = np.array(s["mean_curve"]), np.array(s["std_curve"])
-            line, = ax.step(grid, mean, where="post", label=f"{method}: {s['hv_mean']:.3f} ± {s['hv_std']:.3f}")
+    for ax, prefix, target, label in ((axes[0], "", doc["target"], "HV (val_acc, latency_ms, params)"),
+                                      (axes[1], "macs_", doc["macs_target"], "HV with MACs for latency (no timing noise)")):
+        for method, s in doc["methods"].items():
+            mean, std = np.array(s[prefix + "mean_curve"]), np.array(s[prefix + "std_curve"])
+            hv_mean, hv_std = s[f"hv_{prefix}mean"], s[f"hv_{prefix}std"]
+            line, = ax.step(grid, mean, where="post", label=f"{method}: {hv_mean:.3f} ± {hv_std:.3f}")
             ax.fill_between(grid, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), step="post",
                             color=line.get_color(), alpha=0.15)
-        if data["target"] is not None:
-            ax.axhline(data["target"], color="grey", ls="--", lw=1, label="random's mean HV at the budget")
+        if target is not None:
+            ax.axhline(target, color="grey", ls="--", lw=1, label="random's mean HV at the budget")
         ax.axvline(budget / 2, color="grey", ls=":", lw=1, label="half the budget")
         ax.set_xlabel("compute spent (training epochs, all trials)")
         ax.set_ylabel("hypervolume (fraction of the reference box)")
@@ -345,7 +384,8 @@ def plot(summary: dict[str, Any], macs_summary: dict[str, Any], budget: int, pat
         ax.set_xlim(0, budget)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(f"digits, {config['seeds']} seeds, budget {budget} epochs, distil epochs {config['epochs'] or 8}, "
+                 f"grace {Fraction(config['grace_period']).limit_denominator(100)}, eta {config['reduction_factor']}; mean ± 1 std", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -364,42 +404,79 @@ def front_epochs(run: dict[str, Any], objectives: dict[str, str]) -> int:
     return sum(t["epochs"] for t, keep in zip(complete, pareto_mask(complete, objectives)) if keep)
 
 
-def report(runs: list[dict[str, Any]], config: dict[str, Any], elapsed: float, out: Path, tag: str) -> None:
-    """The table, the claim, the plot and the JSON; the last line printed is one JSON object."""
+#: points of the HV-vs-epochs curves a summary keeps (the figures themselves are computed epoch by epoch)
+SUMMARY_POINTS = 96
+
+
+def curve_epochs(budget: int, points: int = SUMMARY_POINTS) -> list[int]:
+    """Whole epochs from 0 to the budget, about ``points`` steps apart."""
+    return sorted({int(round(x)) for x in np.linspace(0, budget, min(budget, points) + 1)})
+
+
+def rung_of(epochs: float, grace: float, eta: int, rungs: int) -> int:
+    """The last rung (0: the first, at ``grace`` epochs) a trial that trained ``epochs`` epochs reached."""
+    k = 0
+    while k < rungs - 1 and epochs >= grace * eta ** (k + 1) - 1e-9:
+        k += 1
+    return k
+
+
+def summary_doc(runs: list[dict[str, Any]], config: dict[str, Any], elapsed: float,
+                points: int = SUMMARY_POINTS) -> dict[str, Any]:
+    """The summary of a benchmark run: what ``benchmarks/results/`` keeps, and what ``TAG.json`` holds.
+
+    Per method: HV at the budget per seed (and its mean and std), the same with MACs for latency,
+    the paired difference to random search of the same seed, the compute for the mean curve (and
+    each seed's) to reach random's mean HV, computed epoch by epoch; the mean and std HV curves at
+    ``curve_epochs``; and per-seed counts: trials, complete, pruned, failed, rejected, front size,
+    and ``stopped_at_rung`` (pruned trials by the last rung they reached, rungs at
+    grace * eta**k epochs; a trial the budget's end cut off counts too). The full runs are not kept.
+    """
     methods = list(config["methods"])
-    budget, seeds = config["budget_epochs"], config["seeds"]
-    reference = config["reference_point"]
+    budget, reference = config["budget_epochs"], config["reference_point"]
     summary = summarise(runs, methods, budget)
     macs_summary = summarise(runs, methods, budget, key="macs_curve")
-    say("")
-    say(f"hypervolume at {budget} epochs (fraction of the reference box), mean ± std over {seeds} seeds"
-        + (f"; paired difference to random of the same seed; compute for the mean curve to reach random's mean HV "
-           f"({summary['target']:.4f}), and how many seeds' own curves reach it" if "random" in methods else ""))
-    header = (f"{'method':<12} {'HV':>17} {'HV own phase':>13} {'HV (MACs)':>17} {'HV - random':>17} "
-              f"{'epochs to random HV':>20} {'seeds':>6} {'trials':>7} {'wall s':>7}")
-    say(header)
-    say("-" * len(header))
+    grid = curve_epochs(budget, points)
+    grace, eta = config["grace_period"], config["reduction_factor"]
+    # rungs as far as any trial trained (the last ones hold trials that ran to the end)
+    rungs = 1 + max((rung_of(t["epochs"], grace, eta, 64) for r in runs for t in r["trial_records"]), default=0)
+
+    def r5(values: Any) -> Any:
+        return None if values is None else ([r5(v) for v in values] if isinstance(values, list) else round(float(values), 5))
+
+    out: dict[str, Any] = {}
     for m in methods:
         s, sm = summary["methods"][m], macs_summary["methods"][m]
-        mine = [r for r in runs if r["method"] == m]
-        reached = sum(x is not None for x in s["epochs_to_random_hv_per_seed"])
-        delta = s["paired_delta_vs_random"]
-        delta_text = (f"{statistics.mean(delta):+8.4f} ± {statistics.stdev(delta) if len(delta) > 1 else 0.0:<6.4f}"
-                      if delta else "-")
-        own = statistics.mean(r.get("hv_own_phase", r["hv_budget"]) for r in mine)
-        say(f"{m:<12} {s['hv_mean']:>8.4f} ± {s['hv_std']:<6.4f} {own:>13.4f} {sm['hv_mean']:>8.4f} ± {sm['hv_std']:<6.4f} "
-            f"{delta_text:>17} {fmt_epochs(s['epochs_to_random_hv'], budget):>20} {f'{reached}/{len(mine)}':>6} "
-            f"{statistics.mean(r['trials'] for r in mine):>7.1f} {statistics.mean(r['wall_s'] for r in mine):>7.0f}")
-    random_front = {}
+        mine = sorted((r for r in runs if r["method"] == m), key=lambda r: r["seed"])
+        stopped = []
+        for r in mine:
+            counts = [0] * rungs
+            for t in r["trial_records"]:
+                if t["status"] == "pruned":
+                    counts[rung_of(t["epochs"], grace, eta, rungs)] += 1
+            stopped.append(counts)
+        out[m] = {
+            "hv_mean": r5(s["hv_mean"]), "hv_std": r5(s["hv_std"]), "hv_per_seed": r5(s["hv_per_seed"]),
+            "hv_own_phase_per_seed": r5([r.get("hv_own_phase", r["hv_budget"]) for r in mine]),
+            "paired_delta_vs_random": r5(s["paired_delta_vs_random"]),
+            "epochs_to_random_hv": s["epochs_to_random_hv"], "epochs_to_random_hv_per_seed": s["epochs_to_random_hv_per_seed"],
+            "hv_macs_mean": r5(sm["hv_mean"]), "hv_macs_std": r5(sm["hv_std"]), "hv_macs_per_seed": r5(sm["hv_per_seed"]),
+            "mean_curve": r5([s["mean_curve"][c] for c in grid]), "std_curve": r5([s["std_curve"][c] for c in grid]),
+            "macs_mean_curve": r5([sm["mean_curve"][c] for c in grid]), "macs_std_curve": r5([sm["std_curve"][c] for c in grid]),
+            "per_seed": {
+                "seed": [r["seed"] for r in mine],
+                **{k: [r[k] for r in mine] for k in ("trials", "complete", "pruned", "failed", "rejected", "front",
+                                                     "epochs_spent", "wall_s")},
+                "latency_ms_max": r5([r["latency_ms_max"] for r in mine]),
+                "stopped_at_rung": stopped,
+            },
+        }
+    random_front: dict[str, Any] = {}
     if "random" in methods:
         objectives = dict(zip(reference, ("max", "min", "min")))  # val_acc, latency_ms, params
-        mine = [r for r in runs if r["method"] == "random"]
+        mine = sorted((r for r in runs if r["method"] == "random"), key=lambda r: r["seed"])
         random_front = {"students": [r["front"] for r in mine], "epochs": [front_epochs(r, objectives) for r in mine]}
-        say(f"random's final fronts: {statistics.mean(random_front['students']):.1f} students whose own training took "
-            f"{statistics.mean(random_front['epochs']):.0f} epochs on average {random_front['epochs']}: a method drawing "
-            f"the same configurations cannot rebuild such a front with less compute")
-
-    verdict = {}
+    verdict: dict[str, Any] = {}
     if {"random", "nsga2+asha", "nsga2+pasha"} <= set(methods):
         s = summary["methods"]
         to_random = s["nsga2+pasha"]["epochs_to_random_hv"]
@@ -408,65 +485,113 @@ def report(runs: list[dict[str, Any]], config: dict[str, Any], elapsed: float, o
             "pasha_ge_random": s["nsga2+pasha"]["hv_mean"] >= s["random"]["hv_mean"],
             "pasha_reaches_random_in_half": to_random is not None and to_random <= budget / 2,
         }
+    return {"benchmark": "search_quality", "form": "summary", "config": config, "elapsed_s": round(elapsed, 1),
+            "target": r5(summary["target"]), "macs_target": r5(macs_summary["target"]), "curve_epochs": grid,
+            "methods": out, "random_front": random_front, "verdict": verdict}
+
+
+def report(doc: dict[str, Any], out: Path, tag: str, runs: list[dict[str, Any]] | None = None) -> None:
+    """The table, the claim, the plot and the summary JSON (and the full runs, when given, as ``TAG.runs.json``);
+    the last line printed is one JSON object."""
+    config, summary, target = doc["config"], doc["methods"], doc["target"]
+    methods, budget, seeds = list(summary), config["budget_epochs"], config["seeds"]
+    say("")
+    say(f"hypervolume at {budget} epochs (fraction of the reference box), mean ± std over {seeds} seeds"
+        + (f"; paired difference to random of the same seed; compute for the mean curve to reach random's mean HV "
+           f"({target:.4f}), and how many seeds' own curves reach it" if target is not None else ""))
+    header = (f"{'method':<12} {'HV':>17} {'HV own phase':>13} {'HV (MACs)':>17} {'HV - random':>17} "
+              f"{'epochs to random HV':>20} {'seeds':>6} {'trials':>7} {'wall s':>7}")
+    say(header)
+    say("-" * len(header))
+    for m in methods:
+        s, per_seed = summary[m], summary[m]["per_seed"]
+        reached = f"{sum(x is not None for x in s['epochs_to_random_hv_per_seed'])}/{len(per_seed['seed'])}"
+        delta = s["paired_delta_vs_random"]
+        delta_text = (f"{statistics.mean(delta):+8.4f} ± {statistics.stdev(delta) if len(delta) > 1 else 0.0:<6.4f}"
+                      if delta else "-")
+        own = statistics.mean(s["hv_own_phase_per_seed"])
+        say(f"{m:<12} {s['hv_mean']:>8.4f} ± {s['hv_std']:<6.4f} {own:>13.4f} {s['hv_macs_mean']:>8.4f} ± "
+            f"{s['hv_macs_std']:<6.4f} {delta_text:>17} {fmt_epochs(s['epochs_to_random_hv'], budget):>20} "
+            f"{reached:>6} {statistics.mean(per_seed['trials']):>7.1f} "
+            f"{statistics.mean(per_seed['wall_s']):>7.0f}")
+    random_front = doc["random_front"]
+    if random_front:
+        say(f"random's final fronts: {statistics.mean(random_front['students']):.1f} students whose own training took "
+            f"{statistics.mean(random_front['epochs']):.0f} epochs on average {random_front['epochs']}: a method drawing "
+            f"the same configurations cannot rebuild such a front with less compute")
+    verdict = doc["verdict"]
+    if verdict:
         say("")
         say("claim: pareto-asha mean HV >= ASHA's: {pasha_ge_asha}; >= random's: {pasha_ge_random}; "
             "reaches random's final HV within half the budget: {pasha_reaches_random_in_half}".format(**verdict))
 
     out.mkdir(parents=True, exist_ok=True)
     png, js = out / f"{tag}.png", out / f"{tag}.json"
-    plot(summary, macs_summary, budget, png,
-         f"digits, {seeds} seeds, budget {budget} epochs, distil epochs {config['epochs'] or 8}, "
-         f"grace {config['grace_period']}, eta {config['reduction_factor']}; mean ± 1 std")
-    js.write_text(json.dumps({"benchmark": "search_quality", "config": config, "elapsed_s": round(elapsed, 1),
-                              "summary": summary, "macs_summary": macs_summary, "random_front": random_front,
-                              "verdict": verdict, "runs": runs}, indent=1))
-    say(f"plot {png}; figures {js}; {elapsed / 60:.1f} min")
+    plot(doc, png)
+    js.write_text(json.dumps(doc, indent=1) + "\n")
+    written = f"plot {png}; summary {js}"
+    if runs is not None:
+        full = out / f"{tag}.runs.json"
+        full.write_text(json.dumps({"benchmark": "search_quality", "form": "runs", "config": config,
+                                    "elapsed_s": doc["elapsed_s"], "runs": runs}))
+        written += f"; every run in full {full}"
+    say(f"{written}; {doc['elapsed_s'] / 60:.1f} min")
     print(json.dumps({
         "benchmark": "search_quality", "seeds": seeds, "budget_epochs": budget, "epochs": config["epochs"],
         "grace_period": config["grace_period"], "reduction_factor": config["reduction_factor"],
-        "elapsed_s": round(elapsed, 1), "reference_point": reference, "random_hv_target": summary["target"],
-        "methods": {m: {"hv_mean": round(s["hv_mean"], 5), "hv_std": round(s["hv_std"], 5),
-                        "hv_macs_mean": round(macs_summary["methods"][m]["hv_mean"], 5),
-                        "paired_delta_vs_random": [round(x, 5) for x in s["paired_delta_vs_random"]],
-                        "epochs_to_random_hv": s["epochs_to_random_hv"]} for m, s in summary["methods"].items()},
+        "elapsed_s": doc["elapsed_s"], "reference_point": config["reference_point"], "random_hv_target": target,
+        "methods": {m: {"hv_mean": s["hv_mean"], "hv_std": s["hv_std"], "hv_macs_mean": s["hv_macs_mean"],
+                        "paired_delta_vs_random": s["paired_delta_vs_random"],
+                        "epochs_to_random_hv": s["epochs_to_random_hv"]} for m, s in summary.items()},
         "random_front_epochs": random_front.get("epochs"), "verdict": verdict, "png": str(png), "json": str(js),
     }), flush=True)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 seed, budget 16, 2 distil epochs: a check, not a result")
-    parser.add_argument("--seeds", type=int, help="seeds per method (default 3; --quick 1)")
-    parser.add_argument("--budget", type=int, help="training epochs per search, all trials together (default 480; --quick 16)")
+    parser.add_argument("--seeds", type=int, help="seeds per method (default: 3; --quick 1)")
+    parser.add_argument("--budget", type=int, help="training epochs per search, all trials together (default: 480; --quick 16)")
     parser.add_argument("--epochs", type=int, help="distillation epochs per trial (default: the space's 8; --quick 2)")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
-    grace = Fraction(SearchOptions.grace_period).limit_denominator(100)
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    grace = Fraction(DRIVER_GRACE).limit_denominator(100)
     parser.add_argument("--grace-period", type=float, help=f"ASHA / pareto-asha grace period in epochs (default: the driver's, {grace})")
     parser.add_argument("--reduction-factor", type=int,
-                        help=f"ASHA / pareto-asha eta (default: the driver's, {SearchOptions.reduction_factor})")
-    parser.add_argument("--max-concurrent", type=int, default=2)
+                        help=f"ASHA / pareto-asha eta (default: the driver's, {DRIVER_ETA})")
+    parser.add_argument("--max-concurrent", type=int, default=2, help="trials at a time")
     parser.add_argument("--num-samples", type=int, help="trial cap (default: enough that the budget ends every search)")
-    parser.add_argument("--ref-latency-ms", type=float, default=1.0, help="reference point's latency_ms (default 1.0)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the PNG and JSON")
-    parser.add_argument("--tag", help="file name stem of the outputs (default search_quality; --quick search_quality_quick)")
-    parser.add_argument("--from-json", help="no searches: summarise, plot and rewrite a JSON this script wrote")
-    parser.add_argument("--remeasure", metavar="FOLDER", help="with --from-json: a copy of that run's temporary folder "
-                        "(mlflow.db, artifacts/, digits-ref.yaml) whose students to measure side by side again")
+    parser.add_argument("--ref-latency-ms", type=float, default=1.0, help="reference point's latency_ms")
+    parser.add_argument("--out", help="folder for TAG.json (summary), TAG.png and TAG.runs.json (every run in full) "
+                        "(default: benchmarks/out/, ignored by git)")
+    parser.add_argument("--tag", help="file name stem of the outputs (default: search_quality; --quick search_quality_quick; "
+                        "--from-json: that file's stem)")
+    parser.add_argument("--from-json", help="no searches: print, plot and write into --out again from a JSON this script "
+                        "wrote (a summary, or TAG.runs.json / an old full file, which is summarised again)")
+    parser.add_argument("--remeasure", metavar="FOLDER", help="with --from-json of full runs: a copy of that run's temporary "
+                        "folder (mlflow.db, artifacts/, digits-ref.yaml) whose students to measure side by side again")
     args = parser.parse_args()
+    args.out = args.out or str(DEFAULT_OUT)
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
+        tag = args.tag or Path(args.from_json).name.removesuffix(".json").removesuffix(".runs")
+        if "runs" not in saved:  # a summary: print and plot it again
+            if args.remeasure:
+                parser.error("--remeasure needs the full runs (TAG.runs.json), not a summary")
+            report(saved, Path(args.out), tag)
+            return
         if args.remeasure:
             folder = Path(args.remeasure)
             remeasure_side_by_side(saved["runs"], saved["config"]["budget_epochs"], f"sqlite:///{folder / 'mlflow.db'}",
                                    folder / "artifacts", str(folder / "digits-ref.yaml"), saved["config"]["reference_point"])
-        report(saved["runs"], saved["config"], saved["elapsed_s"], Path(args.out), args.tag or Path(args.from_json).stem)
+        report(summary_doc(saved["runs"], saved["config"], saved["elapsed_s"]), Path(args.out), tag, saved["runs"])
         return
     args.tag = args.tag or ("search_quality_quick" if args.quick else "search_quality")
     args.seeds = args.seeds or (1 if args.quick else 3)
     args.budget = args.budget or (16 if args.quick else 480)
     args.epochs = args.epochs or (2 if args.quick else None)
-    args.grace_period = args.grace_period or SearchOptions.grace_period
-    args.reduction_factor = args.reduction_factor or SearchOptions.reduction_factor
+    args.grace_period = args.grace_period or DRIVER_GRACE
+    args.reduction_factor = args.reduction_factor or DRIVER_ETA
     # a stopped trial has trained at least grace_period epochs: this many trials cannot run out first
     args.num_samples = args.num_samples or math.ceil(args.budget / args.grace_period) + 2 * args.max_concurrent
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -514,7 +639,7 @@ def main() -> None:
               "reduction_factor": args.reduction_factor, "max_concurrent": args.max_concurrent,
               "num_samples": args.num_samples,
               "reference_point": reference, "macs_reference_point": macs_reference}
-    report(runs, config, time.perf_counter() - started, Path(args.out), args.tag)
+    report(summary_doc(runs, config, time.perf_counter() - started), Path(args.out), args.tag, runs)
 
 
 if __name__ == "__main__":

@@ -62,9 +62,10 @@ def bare_loop(space, params, context, epochs: int, seed: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] + " Writes no files.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3, help="alternated rounds of each loop")
+    parser.add_argument("--epochs", type=int, default=6, help="training epochs per run")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the same single thread for both: a fair, quiet comparison
     space = load_space()

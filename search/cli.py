@@ -37,6 +37,28 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- list
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """One line per registered entry: ``name  description``, under a heading per kind (no Ray)."""
+    from kdsearch.spaces.registry import REGISTRIES
+
+    kinds = [args.kind] if args.kind else list(REGISTRIES)
+    indent = "  " if len(kinds) > 1 else ""
+    for i, kind in enumerate(kinds):
+        registry = REGISTRIES[kind]
+        names = registry.names()
+        width = max((len(n) for n in names), default=0)
+        if indent:
+            print(("\n" if i else "") + f"{kind} (a {registry.kind} name, or a module:attr ref):")
+        for name in names:
+            kind = getattr(registry.get(name), "kind", None)  # a loss term's kind: logit or feature
+            tag = f"[{kind}] " if isinstance(kind, str) else ""
+            print(f"{indent}{name:<{width}}  {tag}{registry.describe(name).replace('``', '')}".rstrip())
+    return 0
+
+
 # --------------------------------------------------------------------------- trial
 
 
@@ -90,37 +112,43 @@ def cmd_trial(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from kdsearch.search.driver import SearchOptions, run_search
+    from kdsearch.search.driver import run_search
+    from kdsearch.search.options import SearchOptions
 
-    given = {k: getattr(args, k) for k in SearchOptions.__dataclass_fields__ if getattr(args, k, None) is not None}
-    options = SearchOptions(**given)
-    if options.num_samples < 1 or options.max_concurrent < 1:
-        raise UserError("--num-samples and --max-concurrent must be at least 1; fix: pass a positive number")
-    if not options.grace_period > 0 or options.reduction_factor < 2:
-        raise UserError("--grace-period must be above 0 and --reduction-factor at least 2; fix: e.g. --grace-period 0.34 "
-                        "--reduction-factor 3")
-    run_search(options)
+    options = SearchOptions.parse({k: getattr(args, k) for k in SearchOptions.model_fields if getattr(args, k, None) is not None})
+    result = run_search(args.space, options=options)
+    _print_front(result.tracking_uri, result.parent_run_id)
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from kdsearch.search.driver import resume_search
 
-    resume_search(args.path)
+    result = resume_search(args.path)
+    _print_front(result.tracking_uri, result.parent_run_id)
     return 0
 
 
-def cmd_pareto(args: argparse.Namespace) -> int:
+def _print_front(tracking_uri: str, run_id: str) -> None:
+    from kdsearch.search.tracking import client
+
+    args = argparse.Namespace(tracking_uri=tracking_uri, experiment=None, run_id=run_id, json=False)
+    print(file=sys.stderr)
+    cmd_pareto(args, client(tracking_uri))
+
+
+def cmd_pareto(args: argparse.Namespace, c: Any = None) -> int:
     from kdsearch.search.report import front_table
     from kdsearch.search.tracking import client, latest_search_run, read_artifact_json
 
-    c = client(args.tracking_uri)
+    c = c or client(args.tracking_uri)
     parent = latest_search_run(c, args.experiment, args.run_id)
     payload = read_artifact_json(c, parent.info.run_id, "pareto_front.json")
     if args.json:
         print(json.dumps(payload, indent=2))
     else:
-        print(f"search {parent.info.run_name} ({parent.info.run_id}): hypervolume {payload['hypervolume']:.4g}")
+        print(f"search {parent.info.run_name} ({parent.info.run_id}): {len(payload['front'])} students on the front, "
+              f"hypervolume {payload['hypervolume']:.4f} of the reference box")
         print(front_table(payload["front"], payload["objectives"]))
     return 0
 
@@ -129,40 +157,34 @@ def cmd_pareto(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kdsearch.search.options import DEFAULT_TRACKING_URI
+
     parser = argparse.ArgumentParser(prog="kdsearch", description="Search knowledge-distillation students with Ray Tune.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library logs and warnings")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **kw: _add_parser(*a, formatter_class=DefaultsHelp, **kw)  # every --help shows defaults
 
     p = sub.add_parser("validate", help="check a space file and print it resolved")
     p.add_argument("space", nargs="?", help="space file (default: the built-in digits space)")
     p.set_defaults(func=cmd_validate)
 
+    p = sub.add_parser("list", help="list the registered families, losses, quantizers, pruners and sources")
+    p.add_argument("kind", nargs="?", choices=("families", "losses", "quantizers", "pruners", "sources"),
+                   help="one kind of entry (default: all)")
+    p.set_defaults(func=cmd_list)
+
     p = sub.add_parser("trial", help="run one distillation trial")
     p.add_argument("space", nargs="?", help="space file (default: the built-in digits space)")
     p.add_argument("--params", help="JSON object pinning knobs, e.g. '{\"student.family\": \"cnn\"}'")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled knobs and of training")
     p.add_argument("--epochs", type=int, help="distillation epochs (default: the space's train.epochs)")
     p.add_argument("--out", help="folder for the student artifact")
     p.set_defaults(func=cmd_trial)
 
     p = sub.add_parser("run", help="search the space with Ray Tune, log the Pareto front to MLflow")
     p.add_argument("space", nargs="?", help="space file (default: the built-in digits space)")
-    p.add_argument("--num-samples", type=int, default=24, help="trials to run")
-    p.add_argument("--max-concurrent", type=int, default=2, help="trials at a time")
-    p.add_argument("--address", help="an existing Ray cluster (default: start Ray in this process)")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
-    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions pack several students on one GPU")
-    _tracking_args(p)
-    p.add_argument("--storage", help="Ray Tune storage path (default: ./ray_results); shared on a cluster")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--searcher", choices=("nsga2", "tpe", "random"), default="nsga2")
-    p.add_argument("--scheduler", default="pareto-asha", help="pareto-asha (default) | asha | none")
-    p.add_argument("--max-failures", type=int, default=3, help="retries of a trial whose worker died")
-    p.add_argument("--epochs", type=int, help="override the space's distillation epochs")
-    p.add_argument("--budget-epochs", type=float, help="stop the search once all trials together trained this many epochs")
-    p.add_argument("--grace-period", type=float,
-                   help="epochs before a trial can be stopped, the first rung (default 1/6: trials report inside epochs)")
-    p.add_argument("--reduction-factor", type=int, help="ASHA's eta (default 4): rungs eta times apart, 1/eta go on")
+    _option_args(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("resume", help="finish a search whose driver was killed (same MLflow parent run)")
@@ -187,15 +209,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda args: __import__("kdsearch.search.export", fromlist=["cmd_export"]).cmd_export(args))
 
     p = sub.add_parser("ui", help="the MLflow UI on 127.0.0.1 over the same store")
-    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking store")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking store")
+    p.add_argument("--port", type=int, default=5000, help="TCP port on 127.0.0.1")
     p.set_defaults(func=lambda args: __import__("kdsearch.search.ui", fromlist=["cmd_ui"]).cmd_ui(args))
     return parser
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: ...)`` where there is one to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def _shown(value: Any) -> str:
+    """A default as a person writes it: 1/6 rather than 0.16666666666666666."""
+    from fractions import Fraction
+
+    if isinstance(value, float) and len(repr(value)) > 8:
+        fraction = Fraction(value).limit_denominator(100)
+        if abs(float(fraction) - value) < 1e-12:
+            return str(fraction)
+    return str(value)
+
+
+def _option_args(p: argparse.ArgumentParser) -> None:
+    """``kdsearch run``'s flags, one per :class:`SearchOptions` field: names, help and defaults from there."""
+    import typing
+
+    from kdsearch.search.options import SearchOptions
+
+    for name, field in SearchOptions.model_fields.items():
+        kind = field.annotation
+        if typing.get_origin(kind) is typing.Union:  # Optional[X]
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
+        shown = f" (default: {_shown(field.default)})" if field.default is not None else ""
+        flag, help_ = "--" + name.replace("_", "-"), f"{field.description}{shown}"
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif choices:
+            p.add_argument(flag, choices=choices, default=None, help=help_)
+        else:
+            p.add_argument(flag, type=kind if kind in (int, float) else str, default=None, help=help_)
+
+
 def _tracking_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking store")
-    p.add_argument("--experiment", default="kdsearch", help="MLflow experiment")
+    from kdsearch.search.options import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
+
+    p.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking store")
+    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment")
 
 
 def _quiet(verbose: bool) -> None:

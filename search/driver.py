@@ -6,68 +6,26 @@ the Ray object store; trials report to Tune; the driver alone talks to MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from ray.tune.stopper import Stopper
 
+from kdsearch.search.options import SCHEDULERS, SearchOptions, default_storage
+from kdsearch.search.result import SearchResult, rows_frame
 from kdsearch.spaces import Choice, Fixed, FloatRange, IntRange, Space, load_space
 from kdsearch.spaces.errors import UserError
 
 log = logging.getLogger("kdsearch")
-
-SCHEDULERS = ("pareto-asha", "asha", "none")
-
-
-@dataclass
-class SearchOptions:
-    space: Optional[str] = None
-    num_samples: int = 24
-    max_concurrent: int = 2
-    address: Optional[str] = None
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    tracking_uri: str = "sqlite:///mlflow.db"
-    experiment: str = "kdsearch"
-    storage: Optional[str] = None
-    seed: int = 0
-    searcher: str = "nsga2"
-    scheduler: str = "pareto-asha"
-    max_failures: int = 3
-    epochs: Optional[int] = None
-    # rungs at 1/6, 2/3, 8/3 and 32/3 epochs: a student stopped at the first costs a sixth of an
-    # epoch (benchmarks/search_quality.py: 38% of random search's compute, 51% at 1/3 and eta 3)
-    grace_period: float = 1 / 6
-    reduction_factor: int = 4
-    name: Optional[str] = None
-    budget_epochs: Optional[float] = None
-    log_models: bool = True
-
-
-@dataclass
-class SearchResult:
-    experiment_id: str
-    parent_run_id: str
-    front: list[dict[str, Any]]
-    rows: list[dict[str, Any]]
-    hypervolume: float
-    reference: dict[str, float]
-    tune_path: str
-    counts: dict[str, int] = field(default_factory=dict)
-
-
-def echo(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
 
 def knob_max(knob: Any, default: int) -> int:
     if isinstance(knob, Fixed):
@@ -237,7 +195,9 @@ class ConstraintCheck:
         return None
 
 
-def start_ray(address: Optional[str]) -> None:
+def start_ray(address: Optional[str]) -> bool:
+    """Connect to ``address``, use this process's Ray session, or start one; True when started here
+    (only a session started here is shut down at the end)."""
     import ray
 
     from kdsearch.search.latency import LATENCY_RESOURCE
@@ -249,7 +209,9 @@ def start_ray(address: Optional[str]) -> None:
     # latency and size arrive only with a trial's last result; the searcher reads them then
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # failed trials show in our progress line
-    common = {"logging_level": logging.ERROR, "log_to_driver": False, "ignore_reinit_error": True}
+    if ray.is_initialized() and not address:
+        return False
+    common = {"logging_level": logging.ERROR, "log_to_driver": False}
     if address:
         try:
             ray.init(address=address, **common)
@@ -258,65 +220,78 @@ def start_ray(address: Optional[str]) -> None:
                             "fix: start it with cluster/local.sh up or check the address") from None
     else:
         ray.init(num_cpus=os.cpu_count(), resources={LATENCY_RESOURCE: 1}, include_dashboard=False, **common)
+    return True
 
 
 #: written into the Tune experiment folder so ``kdsearch resume`` finds the MLflow parent run again
 RESUME_FILE = "kdsearch.json"
 
 
-def run_search(options: SearchOptions, echo: Callable[[str], None] = echo) -> SearchResult:
-    """Run a whole search and log it; returns the front and where it was logged."""
+def as_space(space: "Space | str | Path | Mapping[str, Any] | None") -> Space:
+    """A :class:`Space` from a Space, a file path, a dict, or None (the built-in digits space)."""
+    return space if isinstance(space, Space) else load_space(space)
+
+
+def run_search(space: "Space | str | Path | Mapping[str, Any] | None" = None, *,
+               options: Optional[SearchOptions] = None, **values: Any) -> SearchResult:
+    """Search ``space`` with Ray Tune and log it to MLflow; return its front and trials.
+
+    Keyword values are :class:`~kdsearch.search.options.SearchOptions` fields (``num_samples``,
+    ``tracking_uri``, ``experiment``, ``searcher``, ``scheduler``, ``seed``, ...), over ``options``
+    when both are given. The search prints nothing: progress goes to the ``kdsearch`` logger.
+    Ray is started for the search and stopped after it, unless this process had a Ray session
+    already, which is used and left running.
+    """
+    from mlflow.entities import Param
+
     from kdsearch.search.tracking import ROLE_TAG, client, experiment_id
 
-    space = load_space(options.space)
-    if options.scheduler not in SCHEDULERS:
-        raise UserError(f"--scheduler {options.scheduler}: unknown; fix: use one of {', '.join(SCHEDULERS)}")
+    space = as_space(space)
+    options = SearchOptions.parse({**(options.model_dump(exclude_unset=True) if options else {}), **values})
     mlflow_client = client(options.tracking_uri)
     exp_id = experiment_id(mlflow_client, options.experiment, create=True)
     name = options.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = options.storage or "ray_results"
+    storage = options.storage or default_storage(options.tracking_uri)
     storage = storage if "://" in storage else str(Path(storage).resolve())
     path = f"{storage}/{name}"
     parent = mlflow_client.create_run(exp_id, run_name=name, tags={ROLE_TAG: "search", "kdsearch.tune_path": path})
     parent_id = parent.info.run_id
-    from mlflow.entities import Param
-
-    params = {k: v for k, v in asdict(options).items() if v is not None}
+    params = {k: v for k, v in options.model_dump().items() if v is not None}
     mlflow_client.log_batch(parent_id, params=[Param(k, str(v)) for k, v in params.items()])
     mlflow_client.log_text(parent_id, space.text, "space.yaml")
     if "://" not in path:
         Path(path).mkdir(parents=True, exist_ok=True)
         (Path(path) / RESUME_FILE).write_text(json.dumps(
-            {"options": {**asdict(options), "name": name, "storage": storage}, "parent_run_id": parent_id,
+            {"options": {**options.model_dump(), "name": name, "storage": storage}, "parent_run_id": parent_id,
              "experiment_id": exp_id, "space_text": space.text, "space_source": str(space.source)}, indent=2))
-    echo(f"search {name}: {options.num_samples} trials, searcher {options.searcher}, scheduler {options.scheduler}, "
-         f"{options.max_concurrent} at a time")
-    echo(f"tune folder {path} (resume with: kdsearch resume {path})")
-    return _drive(space, options, mlflow_client, exp_id, parent_id, path, echo, restore=False)
+    log.info(f"search {name}: {options.num_samples} trials, searcher {options.searcher}, scheduler {options.scheduler}, "
+             f"{options.max_concurrent} at a time")
+    log.info(f"tune folder {path} (resume with: kdsearch resume {path})")
+    return _drive(space, options, mlflow_client, exp_id, parent_id, path, restore=False)
 
 
-def resume_search(path: str, echo: Callable[[str], None] = echo) -> SearchResult:
+def resume_search(path: str | Path) -> SearchResult:
     """Finish a search whose driver died: same Tune experiment, same MLflow parent run."""
     import yaml
 
     from kdsearch.search.tracking import client
     from kdsearch.spaces import parse_space
 
-    path = path if "://" in path else str(Path(path).resolve())
+    path = str(path) if "://" in str(path) else str(Path(path).resolve())
     meta_file = Path(path) / RESUME_FILE
     if not meta_file.is_file():
         raise UserError(f"{path}: no {RESUME_FILE} there; fix: pass the tune folder `kdsearch run` printed")
     meta = json.loads(meta_file.read_text())
-    options = SearchOptions(**meta["options"])
+    options = SearchOptions.parse({k: v for k, v in meta["options"].items() if k in SearchOptions.model_fields})
     source = Path(meta["space_source"]) if meta.get("space_source") not in (None, "None") else None
     space = parse_space(yaml.safe_load(meta["space_text"]), source, meta["space_text"])
     mlflow_client = client(options.tracking_uri)
-    echo(f"resuming search {options.name} from {path}")
-    return _drive(space, options, mlflow_client, meta["experiment_id"], meta["parent_run_id"], str(path), echo, restore=True)
+    log.info(f"resuming search {options.name} from {path}")
+    return _drive(space, options, mlflow_client, meta["experiment_id"], meta["parent_run_id"], str(path), restore=True)
 
 
 def _drive(space: Space, options: SearchOptions, mlflow_client, exp_id: str, parent_id: str, path: str,
-           echo: Callable[[str], None], restore: bool) -> SearchResult:
+           restore: bool) -> SearchResult:
     import ray
     from ray import tune
 
@@ -328,15 +303,15 @@ def _drive(space: Space, options: SearchOptions, mlflow_client, exp_id: str, par
     from kdsearch.search.tracking import ui_link
     from kdsearch.trainers.trial import prepare
 
-    echo("preparing data and teacher (once for all trials)...")
+    log.info("preparing data and teacher (once for all trials)...")
     context = prepare(space)
-    echo(f"teacher {context.targets.description}: val_acc {context.targets.val_acc:.4f}")
+    log.info(f"teacher {context.targets.description}: val_acc {context.targets.val_acc:.4f}")
 
-    start_ray(options.address)
+    started_ray = start_ray(options.address)
     try:
         max_t = max_epochs(space, options.epochs)
         reference = reference_point(space.objectives, space.reference_point, space.constraints, context.targets.footprint)
-        recorder = SearchRecorder(mlflow_client, exp_id, parent_id, space.objectives, reference, options.num_samples, echo)
+        recorder = SearchRecorder(mlflow_client, exp_id, parent_id, space.objectives, reference, options.num_samples)
         measurer = start_measurer(space, context.data.input_shape, context.data.num_classes)
         trainable = tune.with_resources(
             tune.with_parameters(distil_trainable, space=space, context=ray.put(context), measurer=measurer,
@@ -370,13 +345,18 @@ def _drive(space: Space, options: SearchOptions, mlflow_client, exp_id: str, par
             warnings.simplefilter("ignore")
             results = tuner.fit()
         recorder.adopt(results)  # trials that ended before a resume
-        result = finalize.finish(space, context, recorder, mlflow_client, parent_id, echo, options.log_models)
+        result = finalize.finish(space, context, recorder, mlflow_client, parent_id, options.log_models)
     finally:
-        ray.shutdown()
+        if started_ray:
+            ray.shutdown()
+        else:
+            with contextlib.suppress(Exception):
+                ray.kill(measurer)
         if "recorder" in locals():
             shutil.rmtree(recorder.students_dir, ignore_errors=True)
     mlflow_client.set_terminated(parent_id, "FINISHED")
-    echo(f"MLflow: {options.tracking_uri}, experiment {options.experiment!r}, run {parent_id}")
-    echo(f"open it: kdsearch ui --tracking-uri {options.tracking_uri}  then  {ui_link('http://127.0.0.1:5000', exp_id)}")
-    return SearchResult(exp_id, parent_id, result["front"], result["rows"], result["hypervolume"], result["reference"],
-                        path, recorder.counts())
+    log.info(f"MLflow: {options.tracking_uri}, experiment {options.experiment!r}, run {parent_id}")
+    log.info(f"open it: kdsearch ui --tracking-uri {options.tracking_uri}  then  {ui_link('http://127.0.0.1:5000', exp_id)}")
+    return SearchResult(exp_id, options.experiment, parent_id, options.tracking_uri, dict(space.objectives),
+                        result["reference"], result["hypervolume"], rows_frame(result["front"], space.objectives),
+                        rows_frame(list(recorder.rows.values()), space.objectives), path, recorder.counts())

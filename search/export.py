@@ -1,4 +1,5 @@
-"""``kdsearch export``: the most accurate front student that meets the limits, as deployable files.
+"""``kdsearch export`` and :func:`export_student`: the most accurate front student that meets
+the limits, as deployable files.
 
 The student is rebuilt from the checkpoint its trial logged (``student/student.pt`` in the
 nested run) and the space the search logged (``space.yaml`` in the parent run), then written
@@ -6,10 +7,20 @@ in the asked formats and *verified*: every file is run by its own runtime and co
 the rebuilt in-process model on the validation set. A file that does not match is an error,
 never a warning.
 
+Deployable: the ONNX and pt2/TorchScript files hold the data's preprocessing (the per-channel
+standardisation with training statistics, :class:`~kdsearch.trainers.data.Standardize`) in
+front of the student, so they take *raw* inputs as ``data.source`` gives them, and any batch
+size. Parity is checked on raw validation inputs at batch 1, 7 and :data:`VAL_BATCH`, and the
+whole validation set's accuracy on raw inputs must match the in-process student's and the
+accuracy the search logged. ``student.pt`` stays the trial's checkpoint as logged: the student
+alone, which takes preprocessed inputs (``model_card.json``'s ``preprocessing`` says how).
+
 Where files go: ``<out>/<search run name>/<trial>/`` (e.g. ``exports/digits-20261125-021928/
 trial-002/``), written in a staging folder and moved there only once every file passed, so a
 folder holding a ``model_card.json`` is always a complete, verified export. Exporting the
-same trial again replaces it.
+same trial again replaces it. The card (input shape and dtype, class count, preprocessing,
+metrics, the trial and search it came from, each file's parity) is also the description of the
+registered model version (``--register``).
 
 Formats and how each kind of student gets there:
 
@@ -31,7 +42,8 @@ format          float student                                int8 student (``kds
                 (``torch.export.load(f).module()``)          (``torch.jit.load``): quantized modules
                                                              neither ``torch.export`` nor pickle.
 ``state_dict``  ``student.pt``: the trial's checkpoint as logged (load with
-                ``kdsearch.trainers.checkpoint.load_student``; ``weights_only`` safe)
+                ``kdsearch.trainers.checkpoint.load_student``; ``weights_only`` safe); the student
+                alone: it takes *preprocessed* inputs (apply the card's ``preprocessing`` first)
 ==============  ===========================================  =========================================
 
 Parity rule (:data:`TOLERANCE`): a float student's files must give logits within 1e-4 of the
@@ -56,7 +68,8 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional, Sequence
 
@@ -64,24 +77,29 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdsearch.search.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
 from kdsearch.spaces.errors import ExportError, TrackingError, UserError
 from kdsearch.trainers.quantize import dynamic_int8_copy
 
 __all__ = [
-    "FORMATS", "ExportError", "Exported", "Limits", "NoTrialFits", "Parity", "cmd_export", "export_student",
-    "select", "violation",
+    "FORMATS", "ExportError", "ExportResult", "Exported", "Limits", "NoTrialFits", "Parity", "cmd_export",
+    "export_student", "select", "violation", "write_verified",
 ]
 
 #: the ``--format`` names, in the order files are written
 FORMATS = ("onnx", "pt2", "state_dict")
 #: samples of the validation batch the max abs difference is taken on
 VAL_BATCH = 64
+#: batch sizes at which a file's logits are compared (the first n validation samples each)
+PARITY_BATCHES = (1, 7, VAL_BATCH)
 #: how far a file may be from the in-process model: logits (None: reported only) and accuracy points
 TOLERANCE = {"float": {"max_abs_diff": 1e-4, "acc_points": 0.1}, "int8": {"max_abs_diff": None, "acc_points": 0.5}}
 #: how many of the nearest trials a "nothing fits" error lists
 CLOSEST = 3
 
 Predict = Callable[[torch.Tensor], np.ndarray]
+#: progress of :func:`export_student` (the library prints nothing; ``kdsearch export`` shows it)
+log = logging.getLogger("kdsearch")
 
 
 # --------------------------------------------------------------------------- selection
@@ -203,14 +221,18 @@ def _fmt(value: Any) -> str:
 class Parity:
     """One exported file against the in-process student on the validation set."""
 
-    max_abs_diff: float          # logits, on the first VAL_BATCH validation samples
-    batch: int
+    max_abs_diff: float          # logits: the largest over PARITY_BATCHES (the first n validation samples each)
+    batch: int                   # the largest batch compared
     val_acc: float               # the file's accuracy on the whole validation set
     reference_val_acc: float     # the in-process model's
     acc_diff_points: float       # |val_acc - reference_val_acc| in percentage points
     samples: int
     tolerance: dict[str, Optional[float]]
     ok: bool
+    inputs: str = "raw"          # what the file was fed: raw (as data.source gives them) or preprocessed
+    max_abs_diff_by_batch: dict[str, float] = field(default_factory=dict)
+    logged_val_acc: Optional[float] = None      # what the search logged for the trial
+    logged_diff_points: Optional[float] = None  # |val_acc - logged_val_acc| in percentage points
 
 
 @dataclass
@@ -224,6 +246,23 @@ class Exported:
     sha256: str
     runtime: str                 # what it was verified with
     parity: Parity
+    inputs: str = "raw"          # raw: the preprocessing is in the file; preprocessed: apply it first (student.pt)
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_student` wrote: the folder, the trial and its files, and the model card."""
+
+    folder: Path                 # <out>/<search run name>/<trial>, holding the files and model_card.json
+    trial: str                   # e.g. trial-003
+    run_id: str                  # the trial's MLflow run
+    files: list[Exported]
+    card: dict[str, Any]         # model_card.json's content
+
+    @property
+    def registered(self) -> Optional[dict[str, str]]:
+        """``{"name", "version", "source"}`` when ``register`` was given."""
+        return self.card.get("registered")
 
 
 def _predictions(predict: Predict, dataset: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -251,32 +290,57 @@ def torch_predict(model: Callable[[torch.Tensor], torch.Tensor]) -> Predict:
 class Reference:
     """The rebuilt in-process student's outputs that every file is compared with."""
 
-    batch: torch.Tensor
-    logits: np.ndarray
+    batch: torch.Tensor          # the first VAL_BATCH validation inputs, preprocessed (what the student takes)
+    raw_batch: torch.Tensor      # the same samples as data.source gives them (what a deployable file takes)
+    logits_at: dict[int, np.ndarray]  # the student on the first n of them, for n in PARITY_BATCHES
     val_acc: float
     samples: int
+    logged_val_acc: Optional[float] = None
+
+    @property
+    def logits(self) -> np.ndarray:
+        return self.logits_at[len(self.batch)]
+
+    @property
+    def sizes(self) -> list[int]:
+        return sorted({min(n, len(self.batch)) for n in PARITY_BATCHES})
 
 
-def reference_outputs(model: nn.Module, dataset: Any) -> Reference:
-    """The in-process student on the first :data:`VAL_BATCH` validation samples and the whole set."""
+def reference_outputs(model: nn.Module, data: Any, logged_val_acc: Optional[float] = None) -> Reference:
+    """The in-process student (preprocessed inputs, as the search measured it) on the first
+    :data:`PARITY_BATCHES` validation samples and on the whole set."""
     from kdsearch.trainers.data import batches
 
     predict = torch_predict(model)
-    _, x, _ = next(batches(dataset, VAL_BATCH))
-    preds, labels = _predictions(predict, dataset)
-    return Reference(x.float(), predict(x.float()), float((preds == labels).mean()), len(labels))
+    _, x, _ = next(batches(data.val, VAL_BATCH))
+    _, raw, _ = next(batches(data.raw_validation(), VAL_BATCH))
+    x, raw = x.float(), raw.float()
+    preds, labels = _predictions(predict, data.val)
+    logits = {n: predict(x[:n]) for n in sorted({min(n, len(x)) for n in PARITY_BATCHES})}
+    return Reference(x, raw, logits, float((preds == labels).mean()), len(labels), logged_val_acc)
 
 
-def check_parity(predict: Predict, reference: Reference, dataset: Any, quantized: bool) -> Parity:
-    """``predict`` (a file's runtime) against the in-process reference, judged by :data:`TOLERANCE`."""
+def check_parity(predict: Predict, reference: Reference, dataset: Any, quantized: bool, raw: bool = True) -> Parity:
+    """``predict`` (a file's runtime) against the in-process reference, judged by :data:`TOLERANCE`.
+
+    ``raw``: the file takes raw inputs (``dataset`` is the raw validation set) and is fed the raw
+    samples; otherwise the preprocessed ones. Logits are compared at every :data:`PARITY_BATCHES`
+    size; the whole set's accuracy with the in-process student's and the logged one (when known).
+    """
     tolerance = TOLERANCE["int8" if quantized else "float"]
-    diff = float(np.abs(np.asarray(predict(reference.batch), dtype=np.float64) - reference.logits).max())
+    inputs = reference.raw_batch if raw else reference.batch
+    by_batch = {str(n): float(np.abs(np.asarray(predict(inputs[:n]), dtype=np.float64) - reference.logits_at[n]).max())
+                for n in reference.sizes}
+    diff = max(by_batch.values())
     preds, labels = _predictions(predict, dataset)
     acc = float((preds == labels).mean())
     points = abs(acc - reference.val_acc) * 100.0
-    bound = tolerance["max_abs_diff"]
-    ok = points <= tolerance["acc_points"] + 1e-9 and (bound is None or diff <= bound)
-    return Parity(diff, len(reference.batch), acc, reference.val_acc, points, len(labels), dict(tolerance), bool(ok))
+    logged = reference.logged_val_acc
+    logged_points = None if logged is None else abs(acc - logged) * 100.0
+    bound, limit = tolerance["max_abs_diff"], tolerance["acc_points"] + 1e-9
+    ok = points <= limit and (bound is None or diff <= bound) and (logged_points is None or logged_points <= limit)
+    return Parity(diff, max(reference.sizes), acc, reference.val_acc, points, len(labels), dict(tolerance), bool(ok),
+                  "raw" if raw else "preprocessed", by_batch, logged, logged_points)
 
 
 # --------------------------------------------------------------------------- writers
@@ -322,7 +386,8 @@ def dynamic_int8_exportable(model: nn.Module, batch: torch.Tensor) -> tuple[nn.M
 def write_onnx(model: nn.Module, batch: torch.Tensor, path: Path, quantizer: str) -> str:
     """Write ``student.onnx`` (input ``input``, output ``logits``, dynamic batch); return what it holds.
 
-    ``batch``: validation inputs (at least 2, so no size is specialised to 1).
+    ``model``: a :func:`~kdsearch.search.deploy.deployable` (``standardize`` then ``student``);
+    ``batch``: raw validation inputs (at least 2, so no size is specialised to 1).
     """
     common = {"input_names": ["input"], "output_names": ["logits"], "verbose": False}
     example = batch[:2]
@@ -332,7 +397,11 @@ def write_onnx(model: nn.Module, batch: torch.Tensor, path: Path, quantizer: str
                               dynamic_shapes=({0: _batch_dim()},), **common)
             kind = "onnx (float, torch.onnx dynamo exporter)"
         elif quantizer == "dynamic_int8":
-            exportable, qmax = dynamic_int8_exportable(model, batch)
+            pre = getattr(model, "standardize", nn.Identity())
+            with torch.no_grad():
+                student_batch = pre(batch)
+            student, qmax = dynamic_int8_exportable(getattr(model, "student", model), student_batch)
+            exportable = nn.Sequential(OrderedDict(standardize=pre, student=student)).eval()
             torch.onnx.export(exportable, (example,), str(path), dynamo=True, external_data=False,
                               dynamic_shapes=({0: _batch_dim()},), **common)
             kind = (f"onnx (int8 weights via DequantizeLinear; activations fake-quantized per batch to 0..{qmax} "
@@ -377,17 +446,18 @@ def onnx_predict(path: Path) -> tuple[Predict, str]:
 
 
 def write_program(model: nn.Module, example: torch.Tensor, folder: Path, quantized: bool) -> tuple[Path, str]:
-    """``student.pt2`` (torch.export) for a float student, ``student.ts`` (TorchScript) for an int8 one."""
+    """``student.pt2`` (torch.export, dynamic batch ``Dim``) for a float student, ``student.ts``
+    (TorchScript trace, which keeps the batch size symbolic) for an int8 one. ``example``: at least 2 rows."""
     with quiet_exporters(), torch.no_grad():
         if not quantized:
             path = folder / "student.pt2"
             program = torch.export.export(model, (example,), dynamic_shapes=({0: _batch_dim()},))
             torch.export.save(program, str(path))
-            return path, "torch.export program (.pt2)"
+            return path, "torch.export program (.pt2, dynamic batch)"
         path = folder / "student.ts"
         traced = torch.jit.trace(model, example, check_trace=False)
         torch.jit.save(traced, str(path))
-        return path, "TorchScript trace (.ts): int8 modules do not torch.export"
+        return path, "TorchScript trace (.ts, any batch size): int8 modules do not torch.export"
 
 
 def program_predict(path: Path) -> tuple[Predict, str]:
@@ -424,37 +494,54 @@ def rebuild(space: Any, config: Mapping[str, Any], checkpoint: Path, data: Any, 
                           "fix: export a trial of a search made with this version of kdsearch") from None
 
 
-def export_student(space: Any, config: Mapping[str, Any], checkpoint: Path, folder: Path, formats: Sequence[str],
-                   data: Any, trial: str = "the trial") -> tuple[list[Exported], Reference, nn.Module]:
+def write_verified(space: Any, config: Mapping[str, Any], checkpoint: Path, folder: Path, formats: Sequence[str],
+                   data: Any, trial: str = "the trial",
+                   logged_val_acc: Optional[float] = None) -> tuple[list[Exported], Reference, nn.Module]:
     """Write ``formats`` of the student in ``checkpoint`` into ``folder`` and verify each file.
 
-    Returns the files, the in-process reference they were compared with, and the model.
+    ONNX and pt2/TorchScript files are :func:`~kdsearch.search.deploy.deployable` (raw inputs,
+    any batch); ``student.pt`` is the checkpoint (preprocessed inputs). ``logged_val_acc``: the
+    accuracy the search logged, which the rebuilt student and every file must match too.
+    Returns the files, the in-process reference they were compared with, and the student.
     Raises :class:`ExportError` when a file cannot be written or misses :data:`TOLERANCE`.
     """
+    from kdsearch.search.deploy import deployable
     from kdsearch.trainers.quantize import quant_info
 
     model = rebuild(space, config, checkpoint, data, trial)
     info = quant_info(model)
     quantizer = info.name if info is not None else "none"
     quantized = info is not None
-    reference = reference_outputs(model, data.val)
-    batch = reference.batch if len(reference.batch) >= 2 else reference.batch.repeat(2, *[1] * (reference.batch.ndim - 1))
+    with quiet_exporters():
+        reference = reference_outputs(model, data, logged_val_acc)
+    limit = TOLERANCE["int8" if quantized else "float"]["acc_points"]
+    if logged_val_acc is not None and abs(logged_val_acc - reference.val_acc) * 100 > limit + 1e-9:
+        raise ExportError(f"{trial}: the rebuilt student scores val_acc {reference.val_acc:.4f} on this data, the search "
+                          f"logged {logged_val_acc:.4f} ({abs(logged_val_acc - reference.val_acc) * 100:.2f} points, "
+                          f"limit {limit}); fix: export with the data the search ran on (has data.source changed?)")
+    deploy = deployable(model, data)
+    raw_val = data.raw_validation()
+    batch = reference.raw_batch
+    if len(batch) < 2:
+        batch = batch.repeat(2, *[1] * (batch.ndim - 1))
     example = batch[:2]
     folder.mkdir(parents=True, exist_ok=True)
     out: list[Exported] = []
     for fmt in formats:
+        raw = fmt != "state_dict"
         try:
             if fmt == "onnx":
                 path = folder / "student.onnx"
-                kind = write_onnx(model, batch, path, quantizer)
+                kind = write_onnx(deploy, batch, path, quantizer)
                 predict, runtime = onnx_predict(path)
             elif fmt == "pt2":
-                path, kind = write_program(model, example, folder, quantized)
+                path, kind = write_program(deploy, example, folder, quantized)
                 predict, runtime = program_predict(path)
             else:
                 path = folder / "student.pt"
                 shutil.copyfile(checkpoint, path)
-                kind = "kdsearch student checkpoint (trainers.checkpoint.load_student, weights_only)"
+                kind = ("kdsearch student checkpoint (trainers.checkpoint.load_student, weights_only): the student "
+                        "alone")
                 predict = torch_predict(rebuild(space, config, path, data, trial))
                 runtime = "kdsearch.trainers.checkpoint.load_student"
         except ExportError:
@@ -464,15 +551,22 @@ def export_student(space: Any, config: Mapping[str, Any], checkpoint: Path, fold
             raise ExportError(f"{fmt}: cannot write {trial} ({quantizer} student): {_first_line(exc)}; "
                               f"fix: pass --format {others}") from None
         with quiet_exporters():
-            parity = check_parity(predict, reference, data.val, quantized)
+            try:
+                parity = check_parity(predict, reference, raw_val if raw else data.val, quantized, raw=raw)
+            except Exception as exc:  # e.g. a file that refuses a batch size
+                raise ExportError(f"{fmt}: {path.name} fails on validation inputs of {trial}: {_first_line(exc)}; "
+                                  f"fix: report it; meanwhile pass --format {','.join(f for f in FORMATS if f != fmt)}") from None
         if not parity.ok:
             tol = parity.tolerance
             bound = f"max abs diff {parity.max_abs_diff:.3g} (limit {tol['max_abs_diff']}), " if tol["max_abs_diff"] else ""
+            logged = (f", {parity.logged_diff_points:.2f} points from the logged {parity.logged_val_acc:.4f}"
+                      if parity.logged_val_acc is not None else "")
             raise ExportError(f"{fmt}: {path.name} does not match the in-process student of {trial}: {bound}"
                               f"val_acc {parity.val_acc:.4f} vs {parity.reference_val_acc:.4f} "
-                              f"({parity.acc_diff_points:.2f} points, limit {tol['acc_points']}); "
+                              f"({parity.acc_diff_points:.2f} points{logged}, limit {tol['acc_points']}); "
                               f"fix: report it; meanwhile pass --format {','.join(f for f in FORMATS if f != fmt)}")
-        out.append(Exported(fmt, path.name, kind, path.stat().st_size, _sha256(path), runtime, parity))
+        out.append(Exported(fmt, path.name, kind, path.stat().st_size, _sha256(path), runtime, parity,
+                            "raw" if raw else "preprocessed"))
     return out, reference, model
 
 
@@ -514,8 +608,9 @@ def load_logged_space(c: Any, parent_id: str, folder: Path) -> Any:
 
 def _row_metrics(row: Mapping[str, Any]) -> dict[str, Any]:
     """The front row's figures (objectives, size, MACs, timings), without ids and config."""
-    skip = {"config", "architecture", "trial", "trial_id", "run_id", "status"}
-    return {k: v for k, v in row.items() if k not in skip and not isinstance(v, (dict, list))}
+    from kdsearch.search.deploy import row_metrics
+
+    return row_metrics(row)
 
 
 def _place(staging: Path, dest: Path) -> None:
@@ -528,46 +623,49 @@ def _place(staging: Path, dest: Path) -> None:
     staging.rename(dest)
 
 
-def logged_model_uri(c: Any, experiment_id: str, run_id: str) -> Optional[str]:
-    """The MLflow model the search logged for this trial (``model`` in its run), if any."""
+def logged_model_uri(c: Any, experiment_id: str, run_id: str, trial: str) -> Optional[str]:
+    """The MLflow model the search logged for this trial (named after it, e.g. ``trial-003``, in
+    its run), if any. Models of older searches (named ``model``, taking preprocessed inputs at
+    batch 1) are not deployable and are not returned."""
+    name = str(trial).replace("'", "")
     try:
         models = c.search_logged_models(experiment_ids=[experiment_id],
-                                        filter_string=f"source_run_id = '{run_id}' AND name = 'model'")
+                                        filter_string=f"source_run_id = '{run_id}' AND name = '{name}'")
     except Exception:
         return None
     ready = [m for m in models if str(getattr(m.status, "name", m.status)).upper().endswith("READY")]
     return f"models:/{ready[0].model_id}" if ready else None
 
 
-def log_student_model(run_id: str, model: nn.Module, example: torch.Tensor) -> str:
-    """Log the student as an MLflow model in its trial's run (as the search does for its front)."""
-    import mlflow
-    from mlflow.models import infer_signature
+def log_student_model(run_id: str, model: nn.Module, data: Any, card: Mapping[str, Any], trial: str) -> str:
+    """Log the deployable student as an MLflow model in its trial's run, named after the trial
+    (as the search does for its front)."""
+    from kdsearch.search.deploy import log_model
 
-    from kdsearch.search.finalize import mlflow_flavour
-
-    with torch.no_grad():
-        output = model(example).numpy()
-    logged, serialization = mlflow_flavour(model, example)
-    requirements = [f"torch=={torch.__version__.split('+')[0]}"]
-    with mlflow.start_run(run_id=run_id), quiet_exporters():
-        info = mlflow.pytorch.log_model(logged, name="model", input_example=example.numpy(),
-                                        serialization_format=serialization,
-                                        signature=infer_signature(example.numpy(), output), pip_requirements=requirements)
-    return info.model_uri
+    with quiet_exporters():
+        return log_model(run_id, model, data, card, name=str(trial))
 
 
-def register(c: Any, experiment_id: str, run_id: str, name: str, model: nn.Module, example: torch.Tensor) -> dict[str, str]:
-    """Register the trial's MLflow model as ``name``: the one the search logged, else a new one."""
+def register(c: Any, experiment_id: str, run_id: str, name: str, model: nn.Module, data: Any,
+             card: Mapping[str, Any], trial: str) -> dict[str, str]:
+    """Register the trial's MLflow model as ``name`` (the one the search logged, else a new one)
+    and set the version's description to the model card."""
     import mlflow
 
-    uri = logged_model_uri(c, experiment_id, run_id) or log_student_model(run_id, model, example)
+    from kdsearch.search.deploy import describe
+
+    uri = logged_model_uri(c, experiment_id, run_id, trial) or log_student_model(run_id, model, data, card, trial)
     try:
-        with quiet_exporters(), contextlib.redirect_stderr(io.StringIO()):  # MLflow eprints "Successfully registered"
-            version = mlflow.register_model(uri, name)
+        with quiet_exporters(), contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            version = mlflow.register_model(uri, name)  # MLflow eprints "Successfully registered"
     except Exception as exc:
         raise ExportError(f"--register {name}: the model registry refused it ({_first_line(exc)}); "
                           "fix: use a registry-capable store (sqlite:/// or a server) or another name") from None
+    try:
+        c.update_model_version(version.name, version.version, description=describe(card))
+    except Exception as exc:
+        raise ExportError(f"--register {name}: version {version.version} is registered but its description "
+                          f"could not be set ({_first_line(exc)}); fix: check the registry's permissions") from None
     return {"name": version.name, "version": str(version.version), "source": uri}
 
 
@@ -581,51 +679,80 @@ def versions() -> dict[str, str]:
     return found
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    """Select, rebuild, write, verify, describe (``model_card.json``) and optionally register."""
+def export_student(run_id: Optional[str] = None, *, tracking_uri: str = DEFAULT_TRACKING_URI,
+                   experiment: str = DEFAULT_EXPERIMENT, max_latency_ms: Optional[float] = None,
+                   max_params: Optional[int] = None, max_size_bytes: Optional[int] = None,
+                   out: str | Path = "exports", formats: str | Sequence[str] = FORMATS,
+                   register: Optional[str] = None) -> ExportResult:
+    """Export the most accurate front student of a search that meets the limits; print nothing.
+
+    ``run_id``: the search's parent run (None: the latest search of ``experiment``). The files
+    (``formats``: onnx, pt2, state_dict) go to ``<out>/<search run name>/<trial>/`` with a
+    ``model_card.json``, each verified against the in-process student and the logged accuracy
+    on the raw validation set. ``register``: also register the trial's MLflow model under this
+    name, the card as the version's description. Progress goes to the ``kdsearch`` logger.
+
+    Raises :class:`UserError` (bad limits or formats, :class:`NoTrialFits`), :class:`TrackingError`
+    (store, experiment or run not found) or :class:`ExportError` (a file that cannot be written
+    or does not match), each one line ending in a fix.
+
+    >>> result = export_student(max_latency_ms=2)          # doctest: +SKIP
+    >>> result.folder, [f.file for f in result.files]      # doctest: +SKIP
+    (PosixPath('exports/digits-.../trial-003'), ['student.onnx', 'student.pt2', 'student.pt'])
+    """
     from kdsearch.search.tracking import client, latest_search_run, read_artifact_json
     from kdsearch.search.ui import require_store
 
-    formats = parse_formats(args.format)
-    limits = Limits(args.max_latency_ms, args.max_params, args.max_size_bytes).validate()
-    echo = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    names = formats if isinstance(formats, str) else ",".join(str(f) for f in formats)
+    formats = parse_formats(names)
+    limits = Limits(max_latency_ms, max_params, max_size_bytes).validate()
 
-    c = client(require_store(args.tracking_uri))
-    parent = latest_search_run(c, args.experiment, args.run_id)
+    c = client(require_store(tracking_uri))
+    parent = latest_search_run(c, experiment, run_id)
     parent_id = parent.info.run_id
     payload = read_artifact_json(c, parent_id, "pareto_front.json")
     front = payload.get("front", [])
     row = select(front, limits)
     search_name = parent.info.run_name or parent_id
-    dest = Path(args.out) / _safe_name(search_name) / _safe_name(str(row.get("trial") or row["run_id"]))
-    trial = str(row.get("trial", row["run_id"]))
-    echo(f"search {search_name} ({parent_id}): {len(front)} front trials; {limits.describe()}")
-    echo(f"chosen {trial} (run {row['run_id']}): {_summary(row)}")
+    trial = str(row.get("trial") or row["run_id"])
+    dest = Path(out) / _safe_name(search_name) / _safe_name(trial)
+    log.info(f"search {search_name} ({parent_id}): {len(front)} front trials; {limits.describe()}")
+    log.info(f"chosen {trial} (run {row['run_id']}): {_summary(row)}")
 
     created = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
-        files, card = _export_into(args, c, parent, payload, row, limits, formats, dest, trial, echo)
+        files, card = _export_into(c, tracking_uri, parent, payload, row, limits, formats, dest, trial, register)
     except BaseException:
         for folder in created:  # the folders this export made, if the failure left them empty
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
+    return ExportResult(dest, trial, str(row["run_id"]), files, card)
 
-    for f in files:
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``kdsearch export``: :func:`export_student` with the flags, then what it wrote, printed."""
+    result = export_student(args.run_id, tracking_uri=args.tracking_uri, experiment=args.experiment,
+                            max_latency_ms=args.max_latency_ms, max_params=args.max_params,
+                            max_size_bytes=args.max_size_bytes, out=args.out, formats=args.format,
+                            register=args.register)
+    echo = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    for f in result.files:
         p = f.parity
         echo(f"  {f.file:<14} {f.bytes:>9,} B  max|diff| {p.max_abs_diff:.2g}  val_acc {p.val_acc:.4f} "
-             f"({(p.val_acc - p.reference_val_acc) * 100:+.2f} pt vs in-process {p.reference_val_acc:.4f})  ok  [{f.kind}]")
+             f"({(p.val_acc - p.reference_val_acc) * 100:+.2f} pt vs in-process {p.reference_val_acc:.4f})  ok  "
+             f"[{f.kind}; {f.inputs} inputs]")
     echo(f"  {'model_card.json':<14}")
-    if args.register:
-        echo(f"registered {card['registered']['name']} version {card['registered']['version']}")
-    print(dest)
+    if result.registered:
+        echo(f"registered {result.registered['name']} version {result.registered['version']}")
+    print(result.folder)
     return 0
 
 
-def _export_into(args: argparse.Namespace, c: Any, parent: Any, payload: Mapping[str, Any], row: Mapping[str, Any],
+def _export_into(c: Any, tracking_uri: str, parent: Any, payload: Mapping[str, Any], row: Mapping[str, Any],
                  limits: Limits, formats: Sequence[str], dest: Path, trial: str,
-                 echo: Callable[[str], None]) -> tuple[list[Exported], dict[str, Any]]:
+                 register_as: Optional[str]) -> tuple[list[Exported], dict[str, Any]]:
     """Rebuild, write and verify in a staging folder, move it to ``dest``, then register."""
     from kdsearch.trainers.data import load_data
 
@@ -636,17 +763,14 @@ def _export_into(args: argparse.Namespace, c: Any, parent: Any, payload: Mapping
         checkpoint = _download(c, row["run_id"], "student/student.pt", Path(tmp), "the trial's student")
         data = load_data(space.data)
         staging = Path(staging_dir) / "export"
-        files, reference, model = export_student(space, row["config"], checkpoint, staging, formats, data, trial)
-        logged_acc = _number(row.get("val_acc"))
-        if logged_acc is not None and abs(logged_acc - reference.val_acc) * 100 > TOLERANCE["float"]["acc_points"]:
-            echo(f"warning: the rebuilt student scores val_acc {reference.val_acc:.4f}, the search logged {logged_acc:.4f}: "
-                 "has the data changed since the search?")
-        card = model_card(args, parent, payload, row, space, data, limits, files, reference, model)
+        files, reference, model = write_verified(space, row["config"], checkpoint, staging, formats, data, trial,
+                                                 _number(row.get("val_acc")))
+        card = model_card(tracking_uri, parent, payload, row, space, data, limits, files, reference, model)
         (staging / "model_card.json").write_text(json.dumps(card, indent=2, default=str))
         _place(staging, dest)
-        if args.register:
-            card["registered"] = register(c, parent.info.experiment_id, row["run_id"], args.register, model,
-                                          reference.batch[:1])
+        if register_as:
+            card["registered"] = register(c, parent.info.experiment_id, row["run_id"], register_as, model, data,
+                                          card, trial)
             (dest / "model_card.json").write_text(json.dumps(card, indent=2, default=str))
     return files, card
 
@@ -662,43 +786,41 @@ def _summary(row: Mapping[str, Any]) -> str:
     return "  ".join(parts)
 
 
-def model_card(args: argparse.Namespace, parent: Any, payload: Mapping[str, Any], row: Mapping[str, Any], space: Any,
+def model_card(tracking_uri: str, parent: Any, payload: Mapping[str, Any], row: Mapping[str, Any], space: Any,
                data: Any, limits: Limits, files: Sequence[Exported], reference: Reference,
                model: nn.Module) -> dict[str, Any]:
-    """What was exported, from where, by which rule, and how well each file matches."""
+    """What was exported, from where, by which rule, what it takes (raw inputs, any batch; the
+    preprocessing it applies) and how well each file matches
+    (:func:`kdsearch.search.deploy.card` plus the export's own entries)."""
+    from kdsearch.search.deploy import card as deploy_card
     from kdsearch.trainers.quantize import quant_info
 
     info = quant_info(model)
     front = payload.get("front", [])
+    search = {"run_id": parent.info.run_id, "run_name": parent.info.run_name,
+              "experiment_id": parent.info.experiment_id, "tracking_uri": tracking_uri,
+              "objectives": payload.get("objectives"), "hypervolume": payload.get("hypervolume")}
+    card = deploy_card(data, row, search, space.data.model_dump())
+    card["data"]["val_samples"] = reference.samples
     return {
-        "format": "kdsearch-model-card",
-        "version": 1,
+        **card,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "trial": row.get("trial"),
-        "trial_id": row.get("trial_id"),
-        "run_id": row.get("run_id"),
-        "search": {"run_id": parent.info.run_id, "run_name": parent.info.run_name,
-                   "experiment_id": parent.info.experiment_id, "tracking_uri": args.tracking_uri,
-                   "objectives": payload.get("objectives"), "hypervolume": payload.get("hypervolume")},
         "architecture": row.get("architecture"),
         "config": row.get("config"),
-        "metrics": _row_metrics(row),
         "compression": {"prune_ratio": row.get("config", {}).get("compress.prune_ratio", 0.0),
                         "quantize": info.name if info else "none", "backend": info.backend if info else None,
                         **({"note": "activations are quantized per batch (one scale for the whole batch), in torch "
                                     "and in student.onnx alike: a sample's logits depend slightly on its batch"}
                            if info and info.name == "dynamic_int8" else {})},
         "teacher": space.teacher.model_dump(),
-        "data": {**space.data.model_dump(), "input_shape": list(data.input_shape), "num_classes": data.num_classes,
-                 "val_samples": reference.samples, "fingerprint": getattr(data, "fingerprint", None)},
-        "io": {"input": {"name": "input", "dtype": "float32", "shape": ["batch", *data.input_shape]},
-               "output": {"name": "logits", "dtype": "float32", "shape": ["batch", data.num_classes]}},
         "rule": {"select": "the most accurate complete front trial meeting every limit (ties: lower latency_ms, "
                            "then fewer params)",
                  "limits": limits.as_dict(), "front_size": len(front),
                  "eligible": sum(1 for r in front if violation(r, limits) == 0.0)},
-        "reference": {"what": "the student rebuilt in-process from student.pt (trainers.checkpoint)",
-                      "val_acc": reference.val_acc, "val_acc_logged": row.get("val_acc")},
+        "reference": {"what": "the student rebuilt in-process from student.pt (trainers.checkpoint), fed "
+                              "preprocessed validation inputs; the files are fed raw ones (student.pt: preprocessed)",
+                      "val_acc": reference.val_acc, "val_acc_logged": row.get("val_acc"),
+                      "parity_batches": reference.sizes},
         "files": [{**{k: v for k, v in asdict(f).items() if k != "parity"}, "parity": asdict(f.parity)} for f in files],
         "versions": versions(),
     }

@@ -60,6 +60,22 @@ def hypervolume(rows: Sequence[Mapping[str, Any]], objectives: Objectives, refer
     return float(moocore.hypervolume(points, ref=ref, maximise=_maximise(objectives)))
 
 
+def box_volume(reference: Mapping[str, float], objectives: Objectives) -> float:
+    """The reference box's volume: the hypervolume of a perfect point (accuracy 1, zero cost)."""
+    return math.prod(abs(reference[m] - (1.0 if d == "max" else 0.0)) for m, d in objectives.items())
+
+
+def hypervolume_fraction(rows: Sequence[Mapping[str, Any]], objectives: Objectives, reference: Mapping[str, float]) -> float:
+    """:func:`hypervolume` as a share of the reference box, 0..1: comparable across spaces and units.
+
+    >>> objectives = {"acc": "max", "ms": "min"}
+    >>> hypervolume_fraction([{"acc": 0.5, "ms": 1.0}], objectives, {"acc": 0.0, "ms": 2.0})
+    0.25
+    """
+    box = box_volume(reference, objectives)
+    return hypervolume(rows, objectives, reference) / box if box > 0 else 0.0
+
+
 def reference_point(objectives: Objectives, declared: Optional[Mapping[str, float]], constraints: Mapping[str, float],
                     teacher: Mapping[str, float]) -> dict[str, float]:
     """The hypervolume reference: declared, else derived before the search so it never moves.

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -12,8 +12,10 @@ from typing import Any, Callable, Optional
 from mlflow.entities import Param
 from ray import tune
 
-from kdsearch.search.pareto import hypervolume, pareto_front
-from kdsearch.search.tracking import PARENT_TAG, STATUS_TAG, TRIAL_TAG, log_metrics, trial_runs
+from kdsearch.search.pareto import hypervolume_fraction, pareto_front
+from kdsearch.search.tracking import NAME_TAG, PARENT_TAG, STATUS_TAG, TRIAL_TAG, log_metrics, trial_runs
+
+log = logging.getLogger("kdsearch")
 
 COMPLETE, PRUNED, FAILED = "complete", "pruned", "failed"
 #: Tune's own result keys, not worth a metric history each
@@ -29,9 +31,9 @@ class SearchRecorder(tune.Callback):
     """Trial outcomes, the live front and hypervolume, MLflow runs and the progress line."""
 
     def __init__(self, mlflow_client, experiment_id: str, parent_run_id: str, objectives: dict[str, str],
-                 reference: dict[str, float], total: int, echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr)):
+                 reference: dict[str, float], total: int):
         self.client, self.experiment_id, self.parent_run_id = mlflow_client, experiment_id, parent_run_id
-        self.objectives, self.reference, self.total, self.echo = objectives, reference, total, echo
+        self.objectives, self.reference, self.total = objectives, reference, total
         self.rows: dict[str, dict[str, Any]] = {}  # trial_id -> outcome row
         self.run_ids: dict[str, str] = {}
         self.names: dict[str, str] = {}  # trial_id -> trial-001, in order of first sight
@@ -45,7 +47,7 @@ class SearchRecorder(tune.Callback):
             trial_id = run.data.tags.get(TRIAL_TAG)
             if trial_id:
                 self.run_ids[trial_id] = run.info.run_id
-                self.names[trial_id] = run.info.run_name
+                self.names[trial_id] = run.data.tags.get(NAME_TAG, run.info.run_name)
 
     # ---- MLflow runs --------------------------------------------------------------
 
@@ -55,7 +57,7 @@ class SearchRecorder(tune.Callback):
     def _run_for(self, trial_id: str, config: dict[str, Any]) -> str:
         if trial_id not in self.run_ids:
             run = self.client.create_run(self.experiment_id, run_name=self.name(trial_id), tags={
-                PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial_id, STATUS_TAG: "running"})
+                PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial_id, NAME_TAG: self.name(trial_id), STATUS_TAG: "running"})
             self.run_ids[trial_id] = run.info.run_id
             self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:500]) for k, v in config.items()])
         return self.run_ids[trial_id]
@@ -104,6 +106,8 @@ class SearchRecorder(tune.Callback):
                "config": dict(config)}
         self.rows[trial_id] = row
         self.client.set_tag(run_id, STATUS_TAG, status)
+        if status != COMPLETE:  # the runs list shows names: an early-stopped trial must not pass for a complete one
+            self.client.set_tag(run_id, "mlflow.runName", f"{self.name(trial_id)} ({status})")
         if status == COMPLETE and checkpoint is not None:
             self._keep_artifact(trial_id, checkpoint, run_id)
         if error:
@@ -129,8 +133,9 @@ class SearchRecorder(tune.Callback):
 
     def _update_front(self) -> None:
         rows = self.complete_rows()
-        self.hypervolume = hypervolume(rows, self.objectives, self.reference)
-        self.client.log_metric(self.parent_run_id, "hypervolume", self.hypervolume, step=len(rows))
+        self.hypervolume = hypervolume_fraction(rows, self.objectives, self.reference)
+        # in-search latency; the final `hypervolume` (quiet-phase latency) is logged once at the end
+        self.client.log_metric(self.parent_run_id, "hypervolume_search", self.hypervolume, step=len(rows))
 
     def front(self) -> list[dict[str, Any]]:
         return list(pareto_front(self.complete_rows(), self.objectives))
@@ -144,8 +149,8 @@ class SearchRecorder(tune.Callback):
         c = self.counts()
         done = c[COMPLETE] + c[PRUNED] + c[FAILED]
         elapsed = time.monotonic() - self.started
-        self.echo(f"[{done:>3}/{self.total}] running {c['running']}  complete {c[COMPLETE]}  pruned {c[PRUNED]}  "
-                  f"failed {c[FAILED]}  rejected {c['rejected']}  front {len(self.front())}  hypervolume {self.hypervolume:.4g}  ({elapsed:.0f} s)")
+        log.info(f"[{done:>3}/{self.total}] running {c['running']}  complete {c[COMPLETE]}  pruned {c[PRUNED]}  "
+                  f"failed {c[FAILED]}  rejected {c['rejected']}  front {len(self.front())}  hypervolume {self.hypervolume:.4f}  ({elapsed:.0f} s)")
 
 
 #: result keys kept in a trial's row besides the objectives

@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 import itertools
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
+
 
 def architecture(config: Mapping[str, Any]) -> str:
     """A short description of a student: its family and knobs, e.g. ``cnn(stages=2,channels=16)``."""
@@ -48,49 +49,79 @@ def write_trials_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     return path
 
 
+#: metric -> (what it is, its unit or None)
+METRIC_LABELS = {"val_acc": ("validation accuracy", None), "latency_ms": ("latency", "ms"), "params": ("parameters", None),
+                 "macs": ("MACs", None), "size_bytes": ("size", "bytes")}
+LOG_SCALE = ("params", "macs", "size_bytes")
+
+
+def axis_label(metric: str, direction: str) -> str:
+    """``latency (ms), lower is better``: what the axis is, its unit and which way is good."""
+    what, unit = METRIC_LABELS.get(metric, (metric, None))
+    return f"{what}{f' ({unit})' if unit else ''}, {'higher' if direction == 'max' else 'lower'} is better"
+
+
+def hover_text(row: Mapping[str, Any], objectives: Mapping[str, str]) -> str:
+    """Every objective and knob of a trial, for the interactive plot."""
+    lines = [f"<b>{row['trial']}</b> {architecture(row.get('config', {}))}"]
+    lines += [f"{m}: {_short(row.get(m))}" for m in objectives]
+    lines += [f"{k}: {_short(v)}" for k, v in sorted(row.get("config", {}).items())]
+    return "<br>".join(lines)
+
+
 def _pairs(objectives: Mapping[str, str]) -> list[tuple[str, str]]:
     return list(itertools.combinations(objectives, 2))
 
 
-def write_plot_html(rows: Sequence[Mapping[str, Any]], front_ids: set[str], objectives: Mapping[str, str], path: Path) -> Path:
-    """An interactive plot per objective pair: every complete trial, the front highlighted."""
+def write_plot_html(rows: Sequence[Mapping[str, Any]], front_ids: set[str], objectives: Mapping[str, str], path: Path,
+                    teacher: Optional[Mapping[str, Any]] = None) -> Path:
+    """An interactive plot per objective pair: every complete trial, the front highlighted, the teacher marked."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     pairs = _pairs(objectives)
-    fig = make_subplots(rows=1, cols=len(pairs), subplot_titles=[f"{y} vs {x}" for x, y in ((b, a) for a, b in pairs)])
+    fig = make_subplots(rows=1, cols=len(pairs), subplot_titles=[f"{a} vs {b}" for a, b in pairs])
     for col, (a, b) in enumerate(pairs, start=1):
         for on_front, name, color in ((False, "dominated", "#9aa5b1"), (True, "Pareto front", "#d62728")):
             sel = [r for r in rows if (r["trial"] in front_ids) == on_front]
             fig.add_trace(go.Scatter(
                 x=[r.get(b) for r in sel], y=[r.get(a) for r in sel], mode="markers", name=name,
                 marker={"color": color, "size": 9 if on_front else 7}, showlegend=col == 1,
-                text=[f"{r['trial']}<br>{architecture(r['config'])}" for r in sel], hoverinfo="text+x+y",
+                text=[hover_text(r, objectives) for r in sel], hoverinfo="text",
             ), row=1, col=col)
-        fig.update_xaxes(title_text=f"{b} ({objectives[b]})", type="log" if b in ("params", "macs", "size_bytes") else "linear", row=1, col=col)
-        fig.update_yaxes(title_text=f"{a} ({objectives[a]})", row=1, col=col)
+        if teacher and teacher.get(a) is not None and teacher.get(b) is not None:
+            fig.add_trace(go.Scatter(x=[teacher[b]], y=[teacher[a]], mode="markers", name="teacher", showlegend=col == 1,
+                                     marker={"color": "#1f77b4", "size": 13, "symbol": "star"},
+                                     text=[f"<b>teacher</b> {teacher.get('description', '')}<br>" + "<br>".join(
+                                         f"{m}: {_short(teacher.get(m))}" for m in objectives)], hoverinfo="text"),
+                          row=1, col=col)
+        fig.update_xaxes(title_text=axis_label(b, objectives[b]), type="log" if b in LOG_SCALE else "linear", row=1, col=col)
+        fig.update_yaxes(title_text=axis_label(a, objectives[a]), row=1, col=col)
     fig.update_layout(title="kdsearch: Pareto front", height=480, width=460 * len(pairs))
     path.write_text(fig.to_html(include_plotlyjs=True, full_html=True))
     return path
 
 
-def write_plot_png(rows: Sequence[Mapping[str, Any]], front_ids: set[str], objectives: Mapping[str, str], path: Path) -> Path:
+def write_plot_png(rows: Sequence[Mapping[str, Any]], front_ids: set[str], objectives: Mapping[str, str], path: Path,
+                   teacher: Optional[Mapping[str, Any]] = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     pairs = _pairs(objectives)
-    fig, axes = plt.subplots(1, len(pairs), figsize=(4.5 * len(pairs), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.8 * len(pairs), 4.2), squeeze=False)
     for ax, (a, b) in zip(axes[0], pairs):
         rest = [r for r in rows if r["trial"] not in front_ids]
         front = sorted((r for r in rows if r["trial"] in front_ids), key=lambda r: r.get(b, 0))
         ax.scatter([r.get(b) for r in rest], [r.get(a) for r in rest], c="#9aa5b1", s=18, label="dominated")
         ax.scatter([r.get(b) for r in front], [r.get(a) for r in front], c="#d62728", s=30, label="Pareto front")
-        if b in ("params", "macs", "size_bytes"):
+        if teacher and teacher.get(a) is not None and teacher.get(b) is not None:
+            ax.scatter([teacher[b]], [teacher[a]], c="#1f77b4", marker="*", s=160, label="teacher")
+        if b in LOG_SCALE:
             ax.set_xscale("log")
-        ax.set_xlabel(f"{b} ({objectives[b]})")
-        ax.set_ylabel(f"{a} ({objectives[a]})")
+        ax.set_xlabel(axis_label(b, objectives[b]))
+        ax.set_ylabel(axis_label(a, objectives[a]))
         ax.grid(alpha=0.3)
     axes[0][0].legend(loc="lower right")
     fig.tight_layout()

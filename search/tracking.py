@@ -17,14 +17,14 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
+from kdsearch.search.options import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, store_folder  # noqa: F401
 from kdsearch.spaces.errors import TrackingError
 
 ROLE_TAG = "kdsearch.role"
 TRIAL_TAG = "kdsearch.trial_id"
 STATUS_TAG = "kdsearch.status"
+NAME_TAG = "kdsearch.trial"  # the trial's name without the status the run name may carry
 PARENT_TAG = "mlflow.parentRunId"
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-DEFAULT_EXPERIMENT = "kdsearch"
 
 
 def quiet_mlflow() -> None:
@@ -75,7 +75,17 @@ def experiment_id(c, name: str, create: bool) -> str:
     if not create:
         raise TrackingError(f"--experiment {name}: no such experiment in {c.tracking_uri}; "
                             "fix: run `kdsearch run --experiment NAME` first or pick an existing one")
-    return c.create_experiment(name)
+    return c.create_experiment(name, artifact_location=artifact_location(c.tracking_uri, name))
+
+
+def artifact_location(tracking_uri: str, experiment: str) -> Optional[str]:
+    """Artifacts beside a local sqlite store (``sqlite:///DIR/mlflow.db`` -> ``DIR/mlartifacts/<experiment>``),
+    never in the current folder; other stores (a server, a file store) keep their own default."""
+    folder = store_folder(tracking_uri)
+    if folder is None:
+        return None
+    safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in experiment).strip("._") or "experiment"
+    return (folder / "mlartifacts" / safe).as_uri()
 
 
 def flat_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:

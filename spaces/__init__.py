@@ -2,6 +2,7 @@
 
 from kdsearch.spaces.families import Family, KnobModel, StagedNet, family_names, get_family, register_family
 from kdsearch.spaces.knobs import Choice, Fixed, FloatRange, IntRange, PinnedSuggester, RandomSuggester, Suggester
+from kdsearch.spaces.registry import FAMILIES, LOSSES, PRUNERS, QUANTIZERS, SOURCES, Registry, import_ref
 from kdsearch.spaces.schema import (
     DEFAULT_SPACE,
     CompressConfig,
@@ -12,14 +13,14 @@ from kdsearch.spaces.schema import (
     TeacherConfig,
     TrainConfig,
     TrialConfig,
-    import_ref,
     load_space,
     parse_space,
 )
 
 __all__ = [
-    "Choice", "CompressConfig", "DEFAULT_SPACE", "DataConfig", "DistillConfig", "Family", "Fixed",
-    "FloatRange", "IntRange", "KnobModel", "PinnedSuggester", "RandomSuggester", "Space", "SpaceError",
+    "Choice", "CompressConfig", "DEFAULT_SPACE", "DataConfig", "DistillConfig", "FAMILIES", "Family", "Fixed",
+    "FloatRange", "IntRange", "KnobModel", "LOSSES", "PRUNERS", "PinnedSuggester", "QUANTIZERS", "RandomSuggester",
+    "Registry", "SOURCES", "Space", "SpaceError",
     "StagedNet", "Suggester", "TeacherConfig", "TrainConfig", "TrialConfig", "family_names", "get_family",
     "import_ref", "load_space", "parse_space", "register_family",
 ]

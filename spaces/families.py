@@ -1,4 +1,4 @@
-"""Student families: one registry from a family name to a builder of an ``nn.Module``.
+"""Student families: :data:`~kdsearch.spaces.registry.FAMILIES` maps a family name to a builder of an ``nn.Module``.
 
 Every model built here is a :class:`StagedNet` (stem -> stages -> head), so feature hints
 can read stage outputs and structured pruning can walk the same layout for every family.
@@ -14,6 +14,8 @@ from typing import Callable, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+
+from kdsearch.spaces.registry import FAMILIES
 
 
 class StagedNet(nn.Module):
@@ -55,29 +57,30 @@ class Family:
     config: type[KnobModel]
     build: Builder
 
-
-_FAMILIES: dict[str, Family] = {}
+    @property
+    def description(self) -> str:
+        """The builder's docstring's first line, else the knobs (what ``kdsearch list families`` prints)."""
+        doc = (self.build.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else f"knobs: {', '.join(self.config.model_fields)}"
 
 
 def register_family(name: str, config: type[KnobModel]) -> Callable[[Builder], Builder]:
-    """Register ``builder(config, input_shape, num_classes) -> nn.Module`` under ``name``."""
+    """Register ``builder(config, input_shape, num_classes) -> nn.Module`` under ``name`` (in :data:`FAMILIES`)."""
 
     def wrap(builder: Builder) -> Builder:
-        _FAMILIES[name] = Family(name, config, builder)
+        FAMILIES.register(name, Family(name, config, builder))
         return builder
 
     return wrap
 
 
 def get_family(name: str) -> Family:
-    try:
-        return _FAMILIES[name]
-    except KeyError:
-        raise KeyError(f"unknown student family {name!r}; known: {', '.join(sorted(_FAMILIES))}") from None
+    """The family registered as ``name``; an unknown name raises a SpaceError that is also a KeyError."""
+    return FAMILIES.get(name, "students")
 
 
 def family_names() -> list[str]:
-    return sorted(_FAMILIES)
+    return FAMILIES.names()
 
 
 def _activation(name: str) -> nn.Module:
@@ -97,6 +100,7 @@ class MLPConfig(KnobModel):
 
 @register_family("mlp", MLPConfig)
 def build_mlp(cfg: MLPConfig, input_shape: tuple[int, ...], num_classes: int) -> StagedNet:
+    """Fully connected layers on the flattened input, narrowing by ``taper``."""
     features = math.prod(input_shape)
     stages, width_in = [], features
     for i in range(cfg.depth):
@@ -144,6 +148,7 @@ def _scaled(channels: float) -> int:
 
 @register_family("cnn", CNNConfig)
 def build_cnn(cfg: CNNConfig, input_shape: tuple[int, ...], num_classes: int) -> StagedNet:
+    """Conv-BN-act stages, channels doubled and resolution halved each stage, optional shortcuts."""
     c_in, height = input_shape[0], input_shape[-1]
     width = _scaled(cfg.channels * cfg.width_mult)
     stem = nn.Sequential(
@@ -205,6 +210,7 @@ class InvertedResidual(nn.Module):
 
 @register_family("mobilenet", MobileNetConfig)
 def build_mobilenet(cfg: MobileNetConfig, input_shape: tuple[int, ...], num_classes: int) -> StagedNet:
+    """MobileNetV2 inverted residual stages (expand, depthwise, project)."""
     c_in, height = input_shape[0], input_shape[-1]
     c = _scaled(cfg.channels * cfg.width_mult)
     stem = nn.Sequential(nn.Conv2d(c_in, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU6())

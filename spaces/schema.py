@@ -8,18 +8,18 @@ that dies an hour in on a typo is the worst way to learn about it.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Mapping, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import nn
 
 from kdsearch.spaces.errors import SpaceError
-from kdsearch.spaces.families import Family, KnobModel, get_family, family_names
+from kdsearch.spaces.families import Family, KnobModel
 from kdsearch.spaces.knobs import Choice, Fixed, FloatRange, IntRange, Knob, RandomSuggester, Suggester
+from kdsearch.spaces.registry import FAMILIES, LOSSES, PRUNERS, QUANTIZERS, SOURCES, UnknownEntry, import_ref, is_ref
 
 BUILTIN_DIR = Path(__file__).parent
 DEFAULT_SPACE = BUILTIN_DIR / "digits.yaml"
@@ -27,22 +27,6 @@ DEFAULT_SPACE = BUILTIN_DIR / "digits.yaml"
 #: metric name -> whether a user may declare it as an objective or constraint
 KNOWN_METRICS = ("val_acc", "latency_ms", "params", "macs", "size_bytes")
 CONSTRAINT_KEYS = {f"max_{m}": m for m in ("params", "macs", "size_bytes", "latency_ms")} | {"min_val_acc": "val_acc"}
-
-
-
-
-def import_ref(ref: str, path: str) -> Any:
-    """Import ``module:attr``: the only way user code enters kdsearch."""
-    module_name, sep, attr = ref.partition(":")
-    if not sep or not module_name or not attr:
-        raise SpaceError(path, f"{ref!r} is not a module:attr reference", "write it as 'package.module:name'")
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise SpaceError(path, f"cannot import {ref!r} ({exc})", "check the module is on PYTHONPATH and the name exists") from None
-    return obj
 
 
 # --------------------------------------------------------------------------- fixed sections
@@ -53,7 +37,7 @@ class Strict(BaseModel):
 
 
 class DataConfig(Strict):
-    source: str = Field("digits", description="digits | npz | cifar10 | image_folder | module:attr")
+    source: str = Field("digits", description="a registered data source (kdsearch list sources) or module:attr")
     path: Optional[str] = None
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     seed: int = 0
@@ -87,10 +71,41 @@ class TeacherConfig(Strict):
 
 
 class DistillConfig(KnobModel):
+    method: str = Field("kd", description="a logit loss (kdsearch list losses, kind logit: kd, dkd, mlkd, none) or module:attr")
     temperature: float = Field(4.0, gt=0.0, le=100.0)
-    alpha: float = Field(0.7, ge=0.0, le=1.0, description="weight of the KD term; 1 - alpha weighs label CE")
+    alpha: float = Field(0.7, ge=0.0, le=1.0, description="weight of the distillation term; 1 - alpha weighs label CE")
+    logit_standardize: bool = Field(False, description="z-score each sample's logits before the softmax (kd, dkd, mlkd)")
+    dkd_alpha: float = Field(1.0, ge=0.0, description="dkd: weight of the target-class term (TCKD)")
+    dkd_beta: float = Field(8.0, ge=0.0, description="dkd: weight of the non-target-class term (NCKD)")
+    feature: str = Field("fitnets", description="a feature loss (kdsearch list losses, kind feature: fitnets, at) or module:attr")
     hint_stages: str = Field("none", description="none | last | all | comma-separated teacher stage indices")
     hint_weight: float = Field(0.0, ge=0.0)
+    hint_teacher: int = Field(0, ge=0, description="index of the teacher feature hints come from")
+
+    @staticmethod
+    def _term_of_kind(value: str, kind: str, path: str) -> str:
+        """``value`` is a registered loss term of ``kind``, or a module:attr ref whose factory declares no other kind."""
+        if is_ref(value):
+            declared = getattr(LOSSES.get(value, path), "kind", kind)  # imports the ref
+        else:
+            declared = getattr(LOSSES.get(value, path), "kind", None) if value in LOSSES else None
+        if declared != kind:
+            names = ", ".join(n for n, e in LOSSES.items() if getattr(e, "kind", None) == kind)
+            what = {"logit": "distillation method", "feature": "feature loss"}[kind]
+            problem = f"unknown {what} {value!r}" if declared is None and value not in LOSSES else \
+                f"{value!r} is a {declared or 'extra'} loss term, not a {what}"
+            raise UnknownEntry(path, problem, f"use one of: {names}, or a module:attr ref")
+        return value
+
+    @field_validator("method")
+    @classmethod
+    def _registered_method(cls, value: str) -> str:
+        return cls._term_of_kind(value, "logit", "distill.method")
+
+    @field_validator("feature")
+    @classmethod
+    def _registered_feature(cls, value: str) -> str:
+        return cls._term_of_kind(value, "feature", "distill.feature")
 
     @model_validator(mode="after")
     def _stages(self) -> "DistillConfig":
@@ -112,10 +127,22 @@ class TrainConfig(KnobModel):
 
 class CompressConfig(KnobModel):
     prune_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of channels removed")
-    prune_criterion: Literal["l1", "l2", "taylor"] = "l1"
+    prune_criterion: str = Field("l1", description="a registered prune criterion (kdsearch list pruners) or module:attr")
     finetune_epochs: int = Field(2, ge=0)
-    quantize: Literal["none", "dynamic_int8", "static_int8"] = "none"
+    quantize: str = Field("none", description="a registered quantizer (kdsearch list quantizers) or module:attr")
     calib_batches: int = Field(8, ge=1)
+
+    @field_validator("prune_criterion")
+    @classmethod
+    def _registered_criterion(cls, value: str) -> str:
+        PRUNERS.get(value, "compress.prune_criterion")
+        return value
+
+    @field_validator("quantize")
+    @classmethod
+    def _registered_quantizer(cls, value: str) -> str:
+        QUANTIZERS.get(value, "compress.quantize")
+        return value
 
 
 SEARCHED_SECTIONS: dict[str, type[KnobModel]] = {"distill": DistillConfig, "train": TrainConfig, "compress": CompressConfig}
@@ -129,6 +156,14 @@ def _first_error(exc: ValidationError) -> str:
     return err["msg"][0].lower() + err["msg"][1:]
 
 
+def _space_error(exc: ValidationError, path: str) -> Optional[SpaceError]:
+    """The SpaceError a field validator raised (a registry lookup), moved to ``path``; else None."""
+    inner = exc.errors()[0].get("ctx", {}).get("error")
+    if isinstance(inner, SpaceError):
+        return SpaceError(path, inner.problem, inner.fix)
+    return None
+
+
 def _check_value(model: Optional[type[KnobModel]], key: str, value: Any, path: str) -> Any:
     """Validate one value of knob ``key`` against the section's model; return the coerced value."""
     if model is None:
@@ -136,6 +171,9 @@ def _check_value(model: Optional[type[KnobModel]], key: str, value: Any, path: s
     try:
         return getattr(model.model_validate({key: value}), key)
     except ValidationError as exc:
+        registry_error = _space_error(exc, path)
+        if registry_error is not None:
+            raise registry_error from None
         field_info = model.model_fields[key]
         hint = f"a value like {field_info.default!r}"
         if field_info.description:
@@ -281,7 +319,8 @@ class Space:
                 typed[section] = model.model_validate(values)
             except ValidationError as exc:
                 loc = ".".join(str(p) for p in exc.errors()[0]["loc"])
-                raise SpaceError(f"params.{section}.{loc}", _first_error(exc), "pick a valid value") from None
+                raise _space_error(exc, f"params.{section}.{loc}") or SpaceError(
+                    f"params.{section}.{loc}", _first_error(exc), "pick a valid value") from None
         return TrialConfig(family, student, typed["distill"], typed["train"], typed["compress"], dict(params))
 
     def build_student(self, config: TrialConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -314,13 +353,16 @@ def _strict(model: type[BaseModel], raw: Any, path: str) -> Any:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         where = f"{path}.{loc}" if loc else path
+        registry_error = _space_error(exc, where)
+        if registry_error is not None:
+            raise registry_error from None
         fields = ", ".join(model.model_fields)
         raise SpaceError(where, _first_error(exc), f"see the fields of {path}: {fields}") from None
 
 
 def _parse_students(raw: Any) -> dict[str, StudentFamily]:
     if not isinstance(raw, dict) or not raw:
-        raise SpaceError("students", "needs at least one family", f"declare one of: {', '.join(family_names())}")
+        raise SpaceError("students", "needs at least one family", f"declare one of: {', '.join(FAMILIES.names())}")
     students = {}
     for name, knobs in raw.items():
         path = f"students.{name}"
@@ -335,10 +377,10 @@ def _parse_students(raw: Any) -> dict[str, StudentFamily]:
             else:
                 raise SpaceError(f"{path}.builder", f"{ref!r} is neither a Family nor callable", "point to a builder function")
             continue
-        try:
-            family = get_family(name)
-        except KeyError as exc:
-            raise SpaceError(path, str(exc.args[0]), "use a built-in family name or add `builder: module:attr`") from None
+        if is_ref(name) or name not in FAMILIES:
+            raise UnknownEntry(path, f"unknown {FAMILIES.kind} {name!r}",
+                               f"use one of: {', '.join(FAMILIES.names())}, or add `builder: module:attr`")
+        family = FAMILIES.get(name, path)
         students[name] = StudentFamily(name, family, None, parse_section(family.config, knobs, path))
     return students
 
@@ -351,12 +393,10 @@ def parse_space(raw: Any, source: Optional[Path] = None, text: str = "") -> Spac
     if unknown:
         raise SpaceError(sorted(unknown)[0], "unknown section", f"use only: {', '.join(TOP_LEVEL)}")
     data = _strict(DataConfig, raw.get("data"), "data")
+    SOURCES.get(data.source, "data.source")  # a registered name, or a module:attr ref that imports
     teacher = _strict(TeacherConfig, raw.get("teacher"), "teacher")
     if teacher.family:
-        try:
-            fam = get_family(teacher.family)
-        except KeyError as exc:
-            raise SpaceError("teacher.family", str(exc.args[0]), "use a built-in family") from None
+        fam = FAMILIES.get(teacher.family, "teacher.family")
         for key, value in teacher.config.items():
             parse_knob(fam.config, key, value, f"teacher.config.{key}")
             if isinstance(value, dict):
@@ -391,9 +431,19 @@ def parse_space(raw: Any, source: Optional[Path] = None, text: str = "") -> Spac
                  {k: float(v) for k, v in reference.items()} if reference else None, source, text)
 
 
-def load_space(path: str | Path | None = None) -> Space:
-    """Read and validate a space file; ``None`` is the built-in digits space."""
-    path = Path(path) if path is not None else DEFAULT_SPACE
+def load_space(path_or_dict: str | Path | Mapping[str, Any] | None = None) -> Space:
+    """Read and validate a space: a YAML file, a built-in space's name, a dict, or ``None`` (the digits space).
+
+    A dict is validated like a file; its YAML dump is what the search logs as ``space.yaml``.
+
+    >>> space = load_space({"teacher": {"family": "mlp"}, "students": {"mlp": {"width": {"choice": [8, 16]}}}})
+    >>> space.knob("student.mlp.width")
+    Choice(values=(8, 16))
+    """
+    if isinstance(path_or_dict, Mapping):
+        raw = dict(path_or_dict)
+        return parse_space(raw, None, yaml.safe_dump(raw, sort_keys=False))
+    path = Path(path_or_dict) if path_or_dict is not None else DEFAULT_SPACE
     if not path.is_file() and (BUILTIN_DIR / f"{path}.yaml").is_file():
         path = BUILTIN_DIR / f"{path}.yaml"
     try:

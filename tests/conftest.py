@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -67,15 +68,32 @@ def write_module(tmp_path: Path, name: str, source: str, monkeypatch: pytest.Mon
     sys.modules.pop(name, None)
 
 
+class LogLines(logging.Handler):
+    """The ``kdsearch`` logger's messages, kept (the library prints nothing; its progress is logged)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 @pytest.fixture(scope="session")
 def digits_search(tmp_path_factory: pytest.TempPathFactory, teacher_cache):
     """One real search (Ray Tune + Optuna + MLflow) of six short trials, shared by the tests that read it."""
-    from kdsearch.search.driver import SearchOptions, run_search
+    from kdsearch.search.options import SearchOptions
+    from kdsearch.search.driver import run_search
 
     folder = tmp_path_factory.mktemp("search")
     options = SearchOptions(num_samples=6, max_concurrent=2, epochs=3, grace_period=1, scheduler="asha",
                             tracking_uri=f"sqlite:///{folder}/mlflow.db", experiment="e2e", storage=str(folder / "ray"),
                             seed=0)
-    messages: list[str] = []
-    result = run_search(options, echo=messages.append)
-    return {"options": options, "result": result, "messages": messages, "folder": folder}
+    logger, handler = logging.getLogger("kdsearch"), LogLines()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        result = run_search(options=options)
+    finally:
+        logger.removeHandler(handler)
+    return {"options": options, "result": result, "messages": handler.lines, "folder": folder}

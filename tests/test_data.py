@@ -372,3 +372,72 @@ def test_user_errors(user_module: str) -> None:
     space_error(DataConfig(source=f"{user_module}:bad"), "data.source")
     space_error(DataConfig(source=f"{user_module}:missing"), "data.source")
     space_error(DataConfig(source=f"{user_module}:arrays", options={"size": 3}), "data.options")
+
+
+# --------------------------------------------------------------------------- recorded preprocessing
+
+
+def assert_preprocessing_is_recorded(bundle: DataBundle, raw_values: torch.Tensor | None = None) -> None:
+    """``bundle.standardize()`` of the raw validation inputs is (bitwise) what the models see, and
+    the raw inputs are ``raw_values`` (the source's own values, as float32) when given."""
+    _, raw, y = all_batches(bundle.raw_validation(), num_workers=0)
+    _, seen, seen_y = all_batches(bundle.val, num_workers=0)
+    assert torch.equal(y, seen_y)
+    with torch.no_grad():
+        assert torch.equal(bundle.standardize()(raw), seen)
+    if raw_values is not None:
+        assert torch.equal(raw, raw_values.float())
+    if bundle.mean is not None:
+        assert bundle.mean.shape == bundle.std.shape
+        assert bundle.mean.dim() == len(bundle.input_shape) and bundle.mean.shape[0] == bundle.input_shape[0]
+        assert torch.broadcast_shapes(bundle.mean.shape, bundle.input_shape) == bundle.input_shape
+    card = bundle.preprocessing()
+    assert card["inputs"] == data.RAW_INPUTS and card["scale"] == bundle.scale
+
+
+def test_every_source_records_its_preprocessing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, user_module: str) -> None:
+    from sklearn.datasets import load_digits
+
+    config = DataConfig()
+    digits = load_data(config)
+    _, val_idx = data.split_indices(1797, config.val_fraction, config.seed)
+    assert digits.scale == 1.0 and digits.mean.shape == (1, 1, 1)
+    assert_preprocessing_is_recorded(digits, torch.as_tensor(load_digits().images[val_idx.numpy()])[:, None])
+
+    y, y_val = np.arange(40) % 4, np.arange(12) % 4
+    x_val = colour_images(y_val, (6, 6, 3))
+    path = write_npz(tmp_path / "d.npz", x_train=colour_images(y, (6, 6, 3)), y_train=y, x_val=x_val, y_val=y_val)
+    npz = load_data(DataConfig(source="npz", path=path))
+    assert npz.scale == 255.0 and npz.mean.shape == (3, 1, 1)  # uint8 pixels as stored, channels first
+    assert_preprocessing_is_recorded(npz, torch.as_tensor(x_val).permute(0, 3, 1, 2))
+    feats = load_data(DataConfig(source="npz", path=write_npz(tmp_path / "f.npz", x_train=np.random.rand(20, 9), y_train=y[:20])))
+    assert feats.scale == 1.0 and feats.mean.shape == (9,) and feats.preprocessing()["per"] == "feature"
+    assert_preprocessing_is_recorded(feats)
+
+    root = write_cifar(tmp_path / "cifar-10-batches-py")
+    cifar = load_data(DataConfig(source="cifar10", path=str(root)))
+    test_batch = cifar_batch(np.arange(20) % 10)[b"data"].reshape(-1, 3, 32, 32)
+    assert cifar.scale == 255.0
+    assert_preprocessing_is_recorded(cifar, torch.as_tensor(test_batch))
+
+    folder = DataConfig(source="image_folder", path=str(write_folder(tmp_path / "imgs")), image_size=8, seed=3)
+    memory = load_data(folder)
+    assert memory.scale == 255.0
+    assert_preprocessing_is_recorded(memory)
+    _, raw, _ = all_batches(memory.raw_validation())
+    assert torch.equal(raw, raw.round()) and raw.max() > 1  # pixel values 0..255
+    monkeypatch.setattr(data, "IN_MEMORY_MAX_IMAGES", 0)
+    lazy = load_data(folder)
+    assert isinstance(lazy.raw_validation(), ImageFolderData) and lazy.scale == 255.0
+    assert_preprocessing_is_recorded(lazy, raw)
+
+    arrays = load_data(DataConfig(source=f"{user_module}:arrays"))
+    assert arrays.scale == 255.0
+    assert_preprocessing_is_recorded(arrays)
+    tensors = load_data(DataConfig(source=f"{user_module}:tensors"))  # tensor pairs: standardised like arrays
+    assert tensors.scale == 1.0 and tensors.mean.shape == (6,)
+    assert_preprocessing_is_recorded(tensors)
+    datasets = load_data(DataConfig(source=f"{user_module}:datasets"))  # used as given: nothing to undo
+    assert not datasets.preprocessed and datasets.mean is None and datasets.raw_validation() is datasets.val
+    assert datasets.preprocessing()["mean"] is None
+    assert_preprocessing_is_recorded(datasets)

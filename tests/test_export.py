@@ -9,6 +9,8 @@ forced (float, pruned + static int8, dynamic int8) and no Ray search is needed.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import itertools
 import json
 import math
@@ -17,10 +19,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -28,10 +32,11 @@ import torch
 
 from conftest import ROOT
 from kdsearch.search.cli import UserError, sample_params
-from kdsearch.search.export import (ExportError, Limits, NoTrialFits, cmd_export, export_student, parse_formats, rebuild,
-                           select, violation)
+from kdsearch.search.export import (TOLERANCE, ExportError, ExportResult, Limits, NoTrialFits, cmd_export, export_student,
+                                    parse_formats, rebuild, select, violation, write_verified)
 from kdsearch.search.report import architecture
-from kdsearch.search.tracking import PARENT_TAG, ROLE_TAG, TRIAL_TAG, client, log_json, log_metrics, ui_link
+from kdsearch.search.tracking import (PARENT_TAG, ROLE_TAG, TRIAL_TAG, client, log_json, log_metrics, read_artifact_json,
+                                      ui_link)
 from kdsearch.trainers.trial import prepare, run_trial
 
 #: MLflow's SQLAlchemy and torch.jit.load announce their own deprecations
@@ -216,15 +221,16 @@ def test_float_student_exports_to_onnx_and_pt2_with_parity_and_registers(store, 
     assert (folder / "student.pt").read_bytes() == Path(store.client.download_artifacts(
         row["run_id"], "student/student.pt", str(tmp_path / "dl"))).read_bytes()
 
-    # independently of the card: the files against the rebuilt student on the whole validation set
+    # independently of the card: the files, fed raw inputs, against the rebuilt student fed standardised ones
     model = reference_model(store, digits_space, digits_context, "float")
-    val = digits_context.data.val
+    val, raw = digits_context.data.val, digits_context.data.raw_validation()
+    assert not torch.allclose(raw.x, val.x)  # digits pixels are 0..16: the files standardise them themselves
     with torch.inference_mode():
         expected = model(val.x).numpy()
         program = torch.export.load(str(folder / "student.pt2")).module()
-        from_pt2 = program(val.x).numpy()
-        from_pt2_one = program(val.x[:1]).numpy()
-    from_onnx = onnx_logits(folder / "student.onnx", val.x)
+        from_pt2 = program(raw.x).numpy()
+        from_pt2_one = program(raw.x[:1]).numpy()
+    from_onnx = onnx_logits(folder / "student.onnx", raw.x)
     assert np.abs(from_onnx - expected).max() <= 1e-4 and np.abs(from_pt2 - expected).max() <= 1e-4
     assert np.abs(from_pt2_one - expected[:1]).max() <= 1e-4  # the batch axis is dynamic, 1 included
     assert abs(accuracy_of(from_onnx, val.y) - row["val_acc"]) <= 0.001
@@ -234,6 +240,18 @@ def test_float_student_exports_to_onnx_and_pt2_with_parity_and_registers(store, 
     assert registered["name"] == "kdsearch-test-student" and registered["version"] == "1"
     versions = store.client.search_model_versions("name = 'kdsearch-test-student'")
     assert [str(v.version) for v in versions] == ["1"]
+    assert row["trial"] in versions[0].description and '"preprocessing"' in versions[0].description
+    # the store's search logged no model: the export logged one, deployable, named after the trial (a float
+    # student: MLflow's torch.export program, whose batch axis must stay dynamic)
+    import mlflow
+
+    models = store.client.search_logged_models(experiment_ids=[store.experiment_id],
+                                               filter_string=f"source_run_id = '{row['run_id']}'")
+    assert [m.name for m in models] == [row["trial"]] and registered["source"] == f"models:/{models[0].model_id}"
+    logged = mlflow.pytorch.load_model(registered["source"])
+    with torch.inference_mode():
+        from_mlflow = np.concatenate([logged(raw.x[i:i + 7]).numpy() for i in range(0, len(raw), 7)])
+    assert np.abs(from_mlflow - expected).max() <= 1e-4
 
 
 def test_pruned_static_int8_student_exports_as_qdq_onnx_and_torchscript(store, tmp_path, digits_space, digits_context):
@@ -248,11 +266,14 @@ def test_pruned_static_int8_student_exports_as_qdq_onnx_and_torchscript(store, t
         assert f["parity"]["ok"] and f["parity"]["acc_diff_points"] <= 0.5
 
     model = reference_model(store, digits_space, digits_context, "int8")
-    val = digits_context.data.val
+    val, raw = digits_context.data.val, digits_context.data.raw_validation()
     with torch.inference_mode():
         expected = model(val.x).numpy()
-        from_ts = torch.jit.load(str(folder / "student.ts")).eval()(val.x).numpy()
-    from_onnx = onnx_logits(folder / "student.onnx", val.x)
+        traced = torch.jit.load(str(folder / "student.ts")).eval()
+        from_ts = traced(raw.x).numpy()
+        from_ts_seven = traced(raw.x[:7]).numpy()  # a trace keeps the batch size symbolic
+    from_onnx = onnx_logits(folder / "student.onnx", raw.x)
+    assert np.abs(from_ts_seven - expected[:7]).max() <= 1e-5
     reference_acc = accuracy_of(expected, val.y)
     assert reference_acc == pytest.approx(store.rows["int8"]["val_acc"])
     assert abs(accuracy_of(from_onnx, val.y) - reference_acc) <= 0.005
@@ -273,7 +294,7 @@ def test_dynamic_int8_student_keeps_int8_weights_in_onnx(store, tmp_path, digits
 
 
 def test_a_file_that_does_not_match_is_an_error_and_leaves_nothing(store, tmp_path, monkeypatch):
-    import search.export as export_module
+    import kdsearch.search.export as export_module
 
     real = export_module.onnx_predict
 
@@ -288,13 +309,164 @@ def test_a_file_that_does_not_match_is_an_error_and_leaves_nothing(store, tmp_pa
     assert not any(tmp_path.iterdir())  # no half-verified export, no staging folder, no empty folders
 
 
-def test_export_student_works_without_mlflow(store, tmp_path, digits_space, digits_context):
+def test_write_verified_works_without_mlflow(store, tmp_path, digits_space, digits_context):
     row = store.rows["float"]
     checkpoint = Path(store.client.download_artifacts(row["run_id"], "student/student.pt", str(tmp_path / "dl")))
-    files, reference, _ = export_student(digits_space, row["config"], checkpoint, tmp_path / "out", ["state_dict"],
-                                         digits_context.data)
+    files, reference, _ = write_verified(digits_space, row["config"], checkpoint, tmp_path / "out", ["state_dict"],
+                                         digits_context.data, logged_val_acc=row["val_acc"])
     assert [f.file for f in files] == ["student.pt"] and files[0].parity.max_abs_diff == 0.0
+    assert files[0].inputs == files[0].parity.inputs == "preprocessed"  # the checkpoint as logged: the student alone
     assert reference.val_acc == pytest.approx(row["val_acc"])
+    # an accuracy the rebuilt student cannot reproduce (other data than the search's) is an error, not a warning
+    with pytest.raises(ExportError, match=r"the rebuilt student scores val_acc .* the search logged 0\.5000 .*fix:"):
+        write_verified(digits_space, row["config"], checkpoint, tmp_path / "out2", ["state_dict"], digits_context.data,
+                       logged_val_acc=0.5)
+
+
+# --------------------------------------------------------------------------- deployable models of a real search
+
+
+@contextlib.contextmanager
+def all_output() -> Iterator[list[str]]:
+    """Everything written meanwhile to stdout and stderr, Python-level and file-descriptor-level
+    (C++ exporters, onnxruntime), as one string appended to the yielded list."""
+    saved = [os.dup(1), os.dup(2)]
+    text, buffer = [], io.StringIO()
+    with tempfile.TemporaryFile() as f:
+        sys.stdout.flush(), sys.stderr.flush()
+        os.dup2(f.fileno(), 1), os.dup2(f.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+                yield text
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            f.seek(0)
+            text.append(buffer.getvalue() + f.read().decode(errors="replace"))
+
+
+@pytest.fixture(scope="module")
+def searched(digits_search, tmp_path_factory):
+    """The library export of the session's real search (its most accurate front student), registered."""
+    from kdsearch.spaces import load_space
+    from kdsearch.trainers.data import load_data
+
+    uri = digits_search["options"].tracking_uri
+    out = tmp_path_factory.mktemp("exports")
+    with all_output() as printed:
+        result = export_student(digits_search["result"].parent_run_id, tracking_uri=uri, experiment="e2e", out=out,
+                                register="kdsearch-e2e")
+    c = client(uri)
+    front = {r["trial"]: r for r in read_artifact_json(c, result.card["search"]["run_id"], "pareto_front.json")["front"]}
+    return SimpleNamespace(result=result, printed=printed[0], client=c, front=front, out=out,
+                           data=load_data(load_space().data))
+
+
+def batched_accuracy(predict, raw, batch: int = 7) -> float:
+    """Accuracy over ``raw`` (a TensorData of raw inputs) fed in batches of ``batch``; every
+    prediction must have the batch's rows."""
+    correct = 0
+    for start in range(0, len(raw), batch):
+        x, y = raw.x[start:start + batch], raw.y[start:start + batch]
+        logits = np.asarray(predict(x))
+        assert logits.shape == (len(x), 10)
+        correct += int((logits.argmax(-1) == y.numpy()).sum())
+    return correct / len(raw)
+
+
+def test_export_student_is_a_library_call_that_prints_nothing(searched, digits_search):
+    result = searched.result
+    assert searched.printed == "", searched.printed
+    assert isinstance(result, ExportResult) and result.folder.is_dir()
+    assert result.trial == result.card["trial"] and result.trial in searched.front
+    assert result.run_id == result.card["run_id"] == searched.front[result.trial]["run_id"]
+    assert result.card["search"]["run_id"] == digits_search["result"].parent_run_id
+    assert [f.format for f in result.files] == ["onnx", "pt2", "state_dict"]
+    assert sorted(p.name for p in result.folder.iterdir()) == sorted(["model_card.json", *(f.file for f in result.files)])
+    assert json.loads((result.folder / "model_card.json").read_text()) == json.loads(json.dumps(result.card, default=str))
+    import kdsearch
+
+    assert kdsearch.export_student is export_student
+
+
+def test_exported_files_take_raw_inputs_in_any_batch_and_score_the_logged_accuracy(searched):
+    result, raw = searched.result, searched.data.raw_validation()
+    logged = searched.front[result.trial]["val_acc"]
+    quantized = result.card["compression"]["quantize"] != "none"
+    limit = TOLERANCE["int8" if quantized else "float"]["acc_points"] / 100 + 1e-9
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(result.folder / "student.onnx"), providers=["CPUExecutionProvider"])
+    from_onnx = lambda x: session.run(None, {"input": x.numpy()})[0]  # noqa: E731
+    program_file = result.folder / ("student.ts" if quantized else "student.pt2")
+    program = torch.jit.load(str(program_file)).eval() if quantized else torch.export.load(str(program_file)).module()
+    from_program = lambda x: program(x).detach().numpy()  # noqa: E731
+    for predict in (from_onnx, from_program):
+        assert abs(batched_accuracy(predict, raw, 7) - logged) <= limit
+        one, seven = predict(raw.x[:1]), predict(raw.x[:7])
+        assert one.shape == (1, 10)
+        if not quantized:  # dynamic int8 quantizes activations per batch: a sample's logits depend on its batch
+            assert np.abs(one - seven[:1]).max() <= 1e-4
+    files = {f.format: f for f in result.files}
+    for fmt in ("onnx", "pt2"):
+        parity = files[fmt].parity
+        assert files[fmt].inputs == parity.inputs == "raw" and set(parity.max_abs_diff_by_batch) == {"1", "7", "64"}
+        assert parity.logged_val_acc == logged and parity.logged_diff_points <= limit * 100
+    assert files["state_dict"].inputs == "preprocessed"  # the trial's checkpoint: the student alone
+
+
+@pytest.mark.filterwarnings("ignore:.*looks like a TorchScript archive")  # how MLflow loads an int8 (traced) student
+def test_front_models_are_named_after_their_trial_and_take_raw_batches(searched, monkeypatch):
+    import mlflow
+
+    from kdsearch.search.deploy import CARD_KEY
+    from kdsearch.search.export import logged_model_uri
+
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")  # int8 students are TorchScript traces
+    c, raw = searched.client, searched.data.raw_validation()
+    experiment_id = c.get_run(searched.result.card["search"]["run_id"]).info.experiment_id
+    for trial, row in searched.front.items():
+        models = c.search_logged_models(experiment_ids=[experiment_id], filter_string=f"source_run_id = '{row['run_id']}'")
+        assert [m.name for m in models] == [trial]
+        uri = logged_model_uri(c, experiment_id, row["run_id"], trial)
+        assert uri == f"models:/{models[0].model_id}"
+        model = mlflow.pytorch.load_model(uri)
+        with torch.inference_mode():
+            assert model(raw.x[:7]).shape == (7, 10) and model(raw.x[:1]).shape == (1, 10)
+            acc = batched_accuracy(lambda x: model(x).numpy(), raw, 7)
+        quantized = row["config"]["compress.quantize"] != "none"
+        assert abs(acc - row["val_acc"]) <= TOLERANCE["int8" if quantized else "float"]["acc_points"] / 100 + 1e-9
+        info = mlflow.models.get_model_info(uri)
+        assert tuple(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 1, 8, 8)
+        card = info.metadata[CARD_KEY]
+        assert card["trial"] == trial and card["run_id"] == row["run_id"]
+        assert card["preprocessing"]["in_model"] and card["io"]["input"]["shape"] == ["batch", 1, 8, 8]
+
+
+def test_model_card_says_what_the_model_takes_and_where_it_came_from(searched):
+    from kdsearch.trainers.data import RAW_INPUTS
+
+    card, data = searched.result.card, searched.data
+    assert card["io"]["input"] == {"name": "input", "dtype": "float32", "shape": ["batch", 1, 8, 8], "batch": "any",
+                                   "takes": RAW_INPUTS}
+    assert card["input_shape"] == [1, 8, 8] and card["num_classes"] == 10 == card["io"]["output"]["shape"][1]
+    pre = card["preprocessing"]
+    assert pre["inputs"] == RAW_INPUTS and pre["in_model"] and pre["scale"] == 1.0
+    assert pre["mean"] == pytest.approx(data.mean.flatten().tolist()) and pre["std"] == pytest.approx(data.std.flatten().tolist())
+    assert pre["stats_shape"] == [1, 1, 1] and pre["formula"] == "(x / scale - mean) / std"
+    row = searched.front[card["trial"]]
+    assert card["metrics"]["val_acc"] == row["val_acc"] and card["trial_id"] == row["trial_id"]
+    assert card["search"]["run_name"] and card["data"]["source"] == "digits"
+    # registered: the search's own (trial-named) model, the card as the version's description
+    registered = card["registered"]
+    assert registered["name"] == "kdsearch-e2e" and registered["source"].startswith("models:/")
+    version = searched.client.get_model_version("kdsearch-e2e", registered["version"])
+    description = version.description
+    assert card["trial"] in description and RAW_INPUTS in description
+    described = json.loads(description.split("```json", 1)[1].rsplit("```", 1)[0])
+    assert described["trial"] == card["trial"] and described["preprocessing"]["mean"] == pre["mean"]
 
 
 # --------------------------------------------------------------------------- the command line

@@ -100,7 +100,7 @@ class Stderr:
 
     def tune_folder(self) -> Optional[str]:
         for line in list(self.lines):
-            m = re.search(r" tune folder (\S+) \(resume with", line)
+            m = re.search(r"(?:^|\s)tune folder (\S+) \(resume with", line)
             if m:
                 return m.group(1)
         return None
@@ -216,14 +216,16 @@ NODE_EPOCHS = 6  # long enough that a trial on the worker is caught mid-distilla
 
 NODE_LOSS_DRIVER = textwrap.dedent(
     """
-    import json, sys
-    from kdsearch.search.driver import SearchOptions, run_search
+    import json, logging, sys
+    from kdsearch import run_search
+
+    logging.basicConfig(level=logging.WARNING, format="%%(message)s")
+    logging.getLogger("kdsearch").setLevel(logging.INFO)  # the library prints nothing; the test reads its log
 
     address, folder, space = sys.argv[1:4]
-    options = SearchOptions(space=space, address=address, num_samples=4, max_concurrent=2, epochs=%d, max_failures=3,
-                            scheduler="none", tracking_uri=f"sqlite:///{folder}/mlflow.db", experiment="nodeloss",
-                            storage=f"{folder}/ray", seed=0, log_models=False)
-    result = run_search(options)
+    result = run_search(space, address=address, num_samples=4, max_concurrent=2, epochs=%d, max_failures=3,
+                        scheduler="none", tracking_uri=f"sqlite:///{folder}/mlflow.db", experiment="nodeloss",
+                        storage=f"{folder}/ray", seed=0, log_models=False)
     print("RESULT " + json.dumps({"tune_path": result.tune_path, "counts": result.counts}), flush=True)
     """ % NODE_EPOCHS
 )

@@ -144,3 +144,34 @@ def test_pareto_cli_errors_are_one_line_exit_2(digits_search, args, needle):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+def test_runs_list_tells_early_stopped_from_complete_trials(logged):
+    _, _, runs = logged
+    for run in runs:
+        status, name = run.data.tags[STATUS_TAG], run.info.run_name
+        assert name.endswith(f"({status})") == (status != "complete"), (name, status)
+        assert run.data.tags["kdsearch.trial"] == name.split(" ")[0]
+
+
+def test_hypervolume_is_a_fraction_of_the_box_logged_once_per_step(logged):
+    c, parent, _ = logged
+    for metric in ("hypervolume", "hypervolume_search"):
+        history = c.get_metric_history(parent.info.run_id, metric)
+        steps = [m.step for m in history]
+        assert history and len(steps) == len(set(steps)), (metric, steps)
+        assert all(0.0 <= m.value <= 1.0 for m in history), metric
+
+
+def test_front_plot_marks_the_teacher_and_labels_units_and_directions(logged, tmp_path):
+    from kdsearch.search.report import axis_label
+
+    c, parent, _ = logged
+    assert axis_label("latency_ms", "min") == "latency (ms), lower is better"
+    assert axis_label("val_acc", "max") == "validation accuracy, higher is better"
+    html = open(c.download_artifacts(parent.info.run_id, "pareto.html", str(tmp_path))).read()
+    assert '"name":"teacher"' in html.replace(" ", "") and "latency (ms), lower is better" in html
+    payload = read_artifact_json(c, parent.info.run_id, "pareto_front.json")
+    trial = payload["front"][0]
+    assert "distill.temperature: " in html and trial["trial"] in html  # every knob on hover
+    assert payload["teacher"]["val_acc"] > 0 and payload["teacher"]["params"] > 0

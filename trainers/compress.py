@@ -26,6 +26,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from kdsearch.spaces.registry import PRUNERS
+
 __all__ = [
     "CRITERIA",
     "apply_structure",
@@ -34,14 +36,51 @@ __all__ = [
     "is_pruned",
     "prune_student",
     "recalibrate_batchnorm",
+    "register_criterion",
 ]
 
-#: prune criterion name -> Torch-Pruning importance factory
-CRITERIA: dict[str, Callable[[], Any]] = {
-    "l1": lambda: tp.importance.MagnitudeImportance(p=1),
-    "l2": lambda: tp.importance.MagnitudeImportance(p=2),
-    "taylor": lambda: tp.importance.TaylorImportance(),
-}
+
+def register_criterion(name: str, *, needs_gradients: bool = False) -> Callable[[Callable[[], Any]], Callable[[], Any]]:
+    """Register ``factory() -> Torch-Pruning importance`` in :data:`PRUNERS` (a ``compress.prune_criterion``).
+
+    ``needs_gradients``: the importance reads ``.grad`` (like Taylor), so :func:`prune_student`
+    runs one backward pass of ``loss_fn`` before ranking. A factory can also carry the flag
+    itself (``factory.needs_gradients = True``), which is how a ``module:attr`` ref says so.
+    """
+
+    def wrap(factory: Callable[[], Any]) -> Callable[[], Any]:
+        if needs_gradients:
+            factory.needs_gradients = True  # type: ignore[attr-defined]
+        return PRUNERS.register(name, factory)
+
+    return wrap
+
+
+@register_criterion("l1")
+def _l1() -> Any:
+    """Channel L1 weight magnitude."""
+    return tp.importance.MagnitudeImportance(p=1)
+
+
+@register_criterion("l2")
+def _l2() -> Any:
+    """Channel L2 weight magnitude."""
+    return tp.importance.MagnitudeImportance(p=2)
+
+
+@register_criterion("taylor", needs_gradients=True)
+def _taylor() -> Any:
+    """First-order Taylor |weight x gradient| on one KD batch."""
+    return tp.importance.TaylorImportance()
+
+
+def _needs_gradients(factory: Any, importance: Any) -> bool:
+    return bool(getattr(factory, "needs_gradients", False) or getattr(importance, "needs_gradients", False)
+                or isinstance(importance, tp.importance.TaylorImportance))
+
+
+#: the prune criteria (kept for callers of the old name-to-factory dict)
+CRITERIA = PRUNERS
 
 #: attribute set on a model by :func:`prune_student`: its layer shapes differ from its config's
 PRUNED_ATTR = "kdsearch_pruned"
@@ -107,21 +146,23 @@ def prune_student(model: nn.Module, ratio: float, criterion: str, example: torch
     ``example`` (one batch on the model's device). The classifier's outputs (the classes)
     are kept.
 
-    ``criterion`` ranks channels: ``l1``/``l2`` weight magnitude, or ``taylor``
-    (|weight x gradient|), which needs ``loss_fn(model) -> loss`` on a batch; it is called
-    once with the model in eval mode and the gradients it leaves are cleared afterwards.
+    ``criterion`` ranks channels, a :data:`PRUNERS` name or ``module:attr`` ref: ``l1``/``l2``
+    weight magnitude, or ``taylor`` (|weight x gradient|), which (like any criterion that
+    needs gradients) needs ``loss_fn(model) -> loss`` on a batch; it is called once with the
+    model in eval mode and the gradients it leaves are cleared afterwards.
 
     The parameters are new tensors afterwards: build optimisers after pruning. The model's
     train/eval mode is preserved (Torch-Pruning's tracing leaves models in eval mode).
     """
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"prune ratio must be in [0, 1), got {ratio}")
-    if criterion not in CRITERIA:
-        raise ValueError(f"unknown prune criterion {criterion!r}; known: {', '.join(CRITERIA)}")
+    factory = PRUNERS.get(criterion, "compress.prune_criterion")
     if ratio == 0.0:
         return model
-    if criterion == "taylor" and loss_fn is None:
-        raise ValueError("the taylor criterion needs loss_fn(model) -> loss to compute gradients")
+    importance = factory()
+    needs_gradients = _needs_gradients(factory, importance)
+    if needs_gradients and loss_fn is None:
+        raise ValueError(f"the {criterion} criterion needs loss_fn(model) -> loss to compute gradients")
 
     classifier = find_classifier(model)
     was_training = model.training
@@ -131,13 +172,13 @@ def prune_student(model: nn.Module, ratio: float, criterion: str, example: torch
             pruner = tp.pruner.BasePruner(
                 model,
                 example_inputs=example,
-                importance=CRITERIA[criterion](),
+                importance=importance,
                 global_pruning=False,
                 pruning_ratio=ratio,
                 pruning_ratio_dict=_clamped_ratios(model, ratio, classifier) or None,
                 ignored_layers=[classifier],
             )
-            if criterion == "taylor":
+            if needs_gradients:
                 assert loss_fn is not None
                 model.zero_grad(set_to_none=True)
                 loss_fn(model).backward()

