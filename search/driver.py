@@ -359,4 +359,5 @@ def _drive(space: Space, options: SearchOptions, mlflow_client, exp_id: str, par
     log.info(f"open it: kdsearch ui --tracking-uri {options.tracking_uri}  then  {ui_link('http://127.0.0.1:5000', exp_id)}")
     return SearchResult(exp_id, options.experiment, parent_id, options.tracking_uri, dict(space.objectives),
                         result["reference"], result["hypervolume"], rows_frame(result["front"], space.objectives),
-                        rows_frame(list(recorder.rows.values()), space.objectives), path, recorder.counts())
+                        rows_frame(list(recorder.rows.values()), space.objectives), path, recorder.counts(),
+                        result["teacher_passes"])

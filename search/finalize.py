@@ -79,6 +79,9 @@ def finish(space: Space, context: Any, recorder: SearchRecorder, mlflow_client, 
     volume = hypervolume_fraction(rows, objectives, reference)
     mlflow_client.log_metric(parent_id, "hypervolume", volume, step=len(rows))
     log_metrics(mlflow_client, parent_id, {f"trials_{k}": float(v) for k, v in recorder.counts().items() if k != "running"})
+    # samples x teachers: preparing the clean outputs, then every trial's online passes and view stores it built
+    passes = context.teacher_passes + sum(int(r.get("teacher_passes", 0)) for r in recorder.rows.values())
+    mlflow_client.log_metric(parent_id, "teacher_passes", passes)
     mlflow_client.log_param(parent_id, "reference_point", str(reference))
     front_ids = {r["trial"] for r in front}
     teacher = {**context.targets.footprint, "val_acc": context.targets.val_acc,
@@ -104,4 +107,4 @@ def finish(space: Space, context: Any, recorder: SearchRecorder, mlflow_client, 
         log.info(f"logging {len(front)} front students as MLflow models...")
         log_front_models(space, context, recorder, front)
     log.info(f"Pareto front: {len(front)} of {len(rows)} complete trials; hypervolume {volume:.4f} of the reference box")
-    return {"front": payload["front"], "rows": rows, "hypervolume": volume, "reference": reference}
+    return {"front": payload["front"], "rows": rows, "hypervolume": volume, "reference": reference, "teacher_passes": passes}

@@ -155,4 +155,4 @@ class SearchRecorder(tune.Callback):
 
 #: result keys kept in a trial's row besides the objectives
 KEEP = ("val_acc", "val_acc_distilled", "params", "macs", "size_bytes", "latency_ms", "latency_iqr_ms", "epoch",
-        "train_seconds", "family", "quant_backend", "teacher_val_acc", "training_iteration")
+        "train_seconds", "family", "quant_backend", "teacher_val_acc", "training_iteration", "teacher_passes")

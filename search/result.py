@@ -58,6 +58,7 @@ class SearchResult:
     trials: "pd.DataFrame"
     tune_path: str
     counts: dict[str, int] = field(default_factory=dict)
+    teacher_passes: int = 0  # teacher forward passes (samples x teachers) the search made, preparing included
 
     def export(self, *, max_latency_ms: Optional[float] = None, max_params: Optional[int] = None,
                max_size_bytes: Optional[int] = None, out: str | Path = "exports",

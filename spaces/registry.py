@@ -34,7 +34,8 @@ from typing import Any, Callable, Generic, Iterator, Optional, TypeVar, overload
 
 from kdsearch.spaces.errors import SpaceError
 
-__all__ = ["FAMILIES", "LOSSES", "PRUNERS", "QUANTIZERS", "REGISTRIES", "SOURCES", "Registry", "UnknownEntry",
+__all__ = ["AUGMENTATIONS", "FAMILIES", "LOSSES", "PRUNERS", "QUANTIZERS", "REGISTRIES", "SOURCES", "TEACHER_MIXES",
+           "Registry", "UnknownEntry",
            "import_ref", "is_ref"]
 
 T = TypeVar("T")
@@ -182,7 +183,13 @@ PRUNERS: Registry[Any] = Registry("prune criterion", "kdsearch.trainers.compress
 #: data sources (``data.source``): name -> ``loader(data_config) -> DataBundle``
 SOURCES: Registry[Any] = Registry("data source", "kdsearch.trainers.data")
 
+#: batched augmentation ops (``train.augment``): name -> op
+AUGMENTATIONS: Registry[Any] = Registry("augmentation", "kdsearch.trainers.augment")
+#: teacher mixes (``distill.teacher_mix``): name -> ``mix(teacher_logits, targets, weights) -> (B, T) weights``
+TEACHER_MIXES: Registry[Any] = Registry("teacher mix", "kdsearch.trainers.mixes")
+
 #: the registries by the plural that ``kdsearch list`` takes
 REGISTRIES: dict[str, Registry[Any]] = {
     "families": FAMILIES, "losses": LOSSES, "quantizers": QUANTIZERS, "pruners": PRUNERS, "sources": SOURCES,
+    "augmentations": AUGMENTATIONS, "mixes": TEACHER_MIXES,
 }

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Optional
+from typing import Annotated, Any, Callable, Literal, Mapping, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,7 +19,8 @@ from torch import nn
 from kdsearch.spaces.errors import SpaceError
 from kdsearch.spaces.families import Family, KnobModel
 from kdsearch.spaces.knobs import Choice, Fixed, FloatRange, IntRange, Knob, RandomSuggester, Suggester
-from kdsearch.spaces.registry import FAMILIES, LOSSES, PRUNERS, QUANTIZERS, SOURCES, UnknownEntry, import_ref, is_ref
+from kdsearch.spaces.registry import (FAMILIES, LOSSES, PRUNERS, QUANTIZERS, SOURCES, TEACHER_MIXES, UnknownEntry, import_ref,
+                                      is_ref)
 
 BUILTIN_DIR = Path(__file__).parent
 DEFAULT_SPACE = BUILTIN_DIR / "digits.yaml"
@@ -81,6 +82,18 @@ class DistillConfig(KnobModel):
     hint_stages: str = Field("none", description="none | last | all | comma-separated teacher stage indices")
     hint_weight: float = Field(0.0, ge=0.0)
     hint_teacher: int = Field(0, ge=0, description="index of the teacher feature hints come from")
+    teacher_views: Union[Literal["online"], Annotated[int, Field(ge=1, le=64)]] = Field(
+        "online", description="with augmentation: online (teachers run on each augmented batch) or K (K views a "
+                              "sample, the teachers' outputs on them computed once per search)")
+    teacher_mix: str = Field("mean", description="how several teachers are mixed: mean | weighted | confidence "
+                                                  "(kdsearch list mixes) or module:attr")
+    teacher_weights: Optional[tuple[float, ...]] = Field(None, description="teacher_mix weighted: one weight per teacher")
+
+    @field_validator("teacher_mix")
+    @classmethod
+    def _registered_mix(cls, value: str) -> str:
+        TEACHER_MIXES.get(value, "distill.teacher_mix")
+        return value
 
     @staticmethod
     def _term_of_kind(value: str, kind: str, path: str) -> str:
@@ -116,6 +129,17 @@ class DistillConfig(KnobModel):
         return self
 
 
+class AugmentConfig(KnobModel):
+    """``train.augment``: batched augmentations of the student's input (and, consistently, the teacher's)."""
+
+    crop_padding: int = Field(0, ge=0, le=32, description="random crop after zero padding by this many pixels (0: off)")
+    flip: bool = Field(False, description="random horizontal flip (off for digits: a flipped 2 is no 2)")
+    mixup_alpha: float = Field(0.0, ge=0.0, le=10.0, description="mixup's Beta(alpha, alpha) (0: off)")
+    cutmix_alpha: float = Field(0.0, ge=0.0, le=10.0, description="cutmix's Beta(alpha, alpha) (0: off)")
+    mix_prob: float = Field(1.0, ge=0.0, le=1.0, description="share of samples mixed when mixup or cutmix is on")
+    noise_std: float = Field(0.0, ge=0.0, le=5.0, description="Gaussian noise on the standardised inputs (0: off)")
+
+
 class TrainConfig(KnobModel):
     epochs: int = Field(10, ge=1, le=10_000)
     batch_size: int = Field(64, ge=1)
@@ -145,7 +169,8 @@ class CompressConfig(KnobModel):
         return value
 
 
-SEARCHED_SECTIONS: dict[str, type[KnobModel]] = {"distill": DistillConfig, "train": TrainConfig, "compress": CompressConfig}
+SEARCHED_SECTIONS: dict[str, type[KnobModel]] = {"distill": DistillConfig, "train": TrainConfig,
+                                                 "train.augment": AugmentConfig, "compress": CompressConfig}
 
 
 # --------------------------------------------------------------------------- knob parsing
@@ -246,6 +271,7 @@ class TrialConfig:
     student: dict[str, Any]
     distill: DistillConfig
     train: TrainConfig
+    augment: AugmentConfig
     compress: CompressConfig
     params: dict[str, Any] = field(repr=False)
 
@@ -254,7 +280,7 @@ class TrialConfig:
 class Space:
     name: str
     data: DataConfig
-    teacher: TeacherConfig
+    teachers: tuple[TeacherConfig, ...]
     students: dict[str, StudentFamily]
     sections: dict[str, dict[str, Knob]]
     objectives: dict[str, Literal["max", "min"]]
@@ -262,6 +288,11 @@ class Space:
     reference_point: Optional[dict[str, float]] = None
     source: Optional[Path] = None
     text: str = ""
+
+    @property
+    def teacher(self) -> TeacherConfig:
+        """The first teacher: the one students are measured against (footprint, reference point)."""
+        return self.teachers[0]
 
     # ---- sampling ------------------------------------------------------------------
 
@@ -293,8 +324,9 @@ class Space:
             return Choice(tuple(self.students))
         if parts[0] == "student" and len(parts) == 3 and parts[1] in self.students:
             knob = self.students[parts[1]].knobs.get(parts[2])
-        elif len(parts) == 2 and parts[0] in self.sections:
-            knob = self.sections[parts[0]].get(parts[1])
+        elif name.rpartition(".")[0] in self.sections:  # distill.alpha, train.augment.flip
+            section, _, key = name.rpartition(".")
+            knob = self.sections[section].get(key)
         else:
             knob = None
         if knob is None:
@@ -314,14 +346,15 @@ class Space:
         student = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
         typed = {}
         for section, model in SEARCHED_SECTIONS.items():
-            values = {k.split(".", 1)[1]: v for k, v in params.items() if k.startswith(section + ".")}
+            values = {k.rpartition(".")[2]: v for k, v in params.items() if k.rpartition(".")[0] == section}
             try:
                 typed[section] = model.model_validate(values)
             except ValidationError as exc:
                 loc = ".".join(str(p) for p in exc.errors()[0]["loc"])
                 raise _space_error(exc, f"params.{section}.{loc}") or SpaceError(
                     f"params.{section}.{loc}", _first_error(exc), "pick a valid value") from None
-        return TrialConfig(family, student, typed["distill"], typed["train"], typed["compress"], dict(params))
+        return TrialConfig(family, student, typed["distill"], typed["train"], typed["train.augment"], typed["compress"],
+                           dict(params))
 
     def build_student(self, config: TrialConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
         return self.students[config.family].build(config.student, input_shape, num_classes)
@@ -333,7 +366,8 @@ class Space:
         return {
             "name": self.name,
             "data": self.data.model_dump(exclude_none=True),
-            "teacher": self.teacher.model_dump(exclude_none=True),
+            **({"teacher": self.teacher.model_dump(exclude_none=True)} if len(self.teachers) == 1 else
+               {"teachers": [t.model_dump(exclude_none=True) for t in self.teachers]}),
             "students": {n: {k: v.describe() for k, v in f.knobs.items()} for n, f in self.students.items()},
             **{s: {k: v.describe() for k, v in knobs.items()} for s, knobs in self.sections.items()},
             "objectives": dict(self.objectives),
@@ -342,8 +376,8 @@ class Space:
         }
 
 
-TOP_LEVEL = ("name", "data", "teacher", "students", "distill", "train", "compress", "objectives", "constraints",
-             "reference_point")
+TOP_LEVEL = ("name", "data", "teacher", "teachers", "students", "distill", "train", "compress", "objectives",
+             "constraints", "reference_point")
 
 
 def _strict(model: type[BaseModel], raw: Any, path: str) -> Any:
@@ -385,6 +419,40 @@ def _parse_students(raw: Any) -> dict[str, StudentFamily]:
     return students
 
 
+def _section_raw(raw: dict[str, Any], section: str) -> Any:
+    """A searched section's mapping; ``train.augment`` is nested in ``train`` (and left out of it)."""
+    if section == "train.augment":
+        train = raw.get("train")
+        return train.get("augment") if isinstance(train, dict) else None
+    value = raw.get(section)
+    if section == "train" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "augment"}
+    return value
+
+
+def _parse_teacher(raw: Any, path: str) -> TeacherConfig:
+    teacher = _strict(TeacherConfig, raw, path)
+    if teacher.family:
+        fam = FAMILIES.get(teacher.family, f"{path}.family")
+        for key, value in teacher.config.items():
+            parse_knob(fam.config, key, value, f"{path}.config.{key}")
+            if isinstance(value, dict):
+                raise SpaceError(f"{path}.config.{key}", "a teacher's knobs are fixed values", "give one value")
+    return teacher
+
+
+def _parse_teachers(raw: dict[str, Any]) -> tuple[TeacherConfig, ...]:
+    """``teacher:`` (one) or ``teachers:`` (a list of the same forms), not both."""
+    if "teachers" in raw:
+        if "teacher" in raw:
+            raise SpaceError("teachers", "both teacher and teachers are given", "keep one: teachers is a list of teachers")
+        listed = raw["teachers"]
+        if not isinstance(listed, list) or not listed:
+            raise SpaceError("teachers", "expected a non-empty list of teachers", "write teachers: [{family: cnn}, ...]")
+        return tuple(_parse_teacher(t, f"teachers[{i}]") for i, t in enumerate(listed))
+    return (_parse_teacher(raw.get("teacher"), "teacher"),)
+
+
 def parse_space(raw: Any, source: Optional[Path] = None, text: str = "") -> Space:
     """Validate a space already read from YAML."""
     if not isinstance(raw, dict):
@@ -394,15 +462,13 @@ def parse_space(raw: Any, source: Optional[Path] = None, text: str = "") -> Spac
         raise SpaceError(sorted(unknown)[0], "unknown section", f"use only: {', '.join(TOP_LEVEL)}")
     data = _strict(DataConfig, raw.get("data"), "data")
     SOURCES.get(data.source, "data.source")  # a registered name, or a module:attr ref that imports
-    teacher = _strict(TeacherConfig, raw.get("teacher"), "teacher")
-    if teacher.family:
-        fam = FAMILIES.get(teacher.family, "teacher.family")
-        for key, value in teacher.config.items():
-            parse_knob(fam.config, key, value, f"teacher.config.{key}")
-            if isinstance(value, dict):
-                raise SpaceError(f"teacher.config.{key}", "a teacher's knobs are fixed values", "give one value")
+    teachers = _parse_teachers(raw)
     students = _parse_students(raw.get("students"))
-    sections = {s: parse_section(m, raw.get(s), s) for s, m in SEARCHED_SECTIONS.items()}
+    sections = {s: parse_section(m, _section_raw(raw, s), s) for s, m in SEARCHED_SECTIONS.items()}
+    weights = sections["distill"].get("teacher_weights")
+    if weights is not None and isinstance(weights, Fixed) and weights.value is not None and len(weights.value) != len(teachers):
+        raise SpaceError("distill.teacher_weights", f"{len(weights.value)} weights for {len(teachers)} teachers",
+                         "give one weight per teacher")
     objectives = raw.get("objectives") or {"val_acc": "max", "latency_ms": "min", "params": "min"}
     if not isinstance(objectives, dict):
         raise SpaceError("objectives", "expected a mapping metric: max|min", "write e.g. {val_acc: max, params: min}")
@@ -427,7 +493,7 @@ def parse_space(raw: Any, source: Optional[Path] = None, text: str = "") -> Spac
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise SpaceError(f"reference_point.{metric}", f"expected a number, got {value!r}", "give a number")
     name = str(raw.get("name") or (source.stem if source else "space"))
-    return Space(name, data, teacher, students, sections, dict(objectives), dict(constraints),
+    return Space(name, data, teachers, students, sections, dict(objectives), dict(constraints),
                  {k: float(v) for k, v in reference.items()} if reference else None, source, text)
 
 

@@ -8,7 +8,8 @@ import importlib
 import pytest
 
 DOCUMENTED = ["kdsearch", "kdsearch.spaces.errors", "kdsearch.spaces.registry", "kdsearch.spaces.schema",
-              "kdsearch.search.options", "kdsearch.search.pareto"]
+              "kdsearch.search.options", "kdsearch.search.pareto", "kdsearch.trainers.augment",
+              "kdsearch.trainers.mixes"]
 
 
 @pytest.mark.parametrize("name", DOCUMENTED)

@@ -211,7 +211,8 @@ class DecoupledKD(LogitTerm):
         s = self.prepare(student_logits) / self.temperature
         t = self.prepare(teacher_logits) / self.temperature
         batch, classes = s.shape
-        target = F.one_hot(labels, classes).bool()
+        # mixed-up samples carry class probabilities: their target class is the larger share
+        target = F.one_hot(labels.argmax(-1) if labels.ndim == 2 else labels, classes).bool()
         log_s, log_t = F.log_softmax(s, -1), F.log_softmax(t, -1)
         # binary: log p(target) and log p(not target), in log space so a confident model gives no log(0)
         bin_s = torch.stack([log_s[target], log_s[~target].view(batch, classes - 1).logsumexp(-1)], -1)

@@ -113,12 +113,13 @@ class TeacherTargets:
     val_acc: float = 0.0
     description: str = ""
     footprint: dict[str, float] = field(default_factory=dict)  # the teacher's params, macs, size_bytes, latency_ms
-    teacher: Optional[nn.Module] = None  # kept only when features are too large to cache
+    model: Optional[nn.Module] = None  # for online teaching, stored views, and features too large to cache
 
     def batch(self, idx: torch.Tensor, x: torch.Tensor, with_features: bool) -> Outputs:
-        if with_features and not self.features and self.teacher is not None:
+        """The cached outputs on clean training samples ``idx`` (stage outputs recomputed when not cached)."""
+        if with_features and not self.features and self.model is not None:
             with torch.no_grad():
-                return teacher_outputs(self.teacher, x, True)
+                return teacher_outputs(self.model.to(x.device), x, True)
         return Outputs(self.logits[idx].to(x.device), [f[idx].to(x.device) for f in self.features] if with_features else [])
 
 
@@ -144,7 +145,7 @@ def compute_targets(teacher: nn.Module, data: DataBundle, want_features: bool, d
     return TeacherTargets(
         torch.cat(logits), [torch.cat(f) for f in features] if cache_features else [], shapes,
         accuracy(teacher, data.val), description, footprint(teacher, example),
-        teacher=None if cache_features or not want_features else teacher,
+        model=teacher,
     )
 
 

@@ -28,6 +28,7 @@ from kdsearch.trainers.losses import DistillLoss, Outputs, Teachers, build_disti
 from kdsearch.trainers.measure import Latency, accuracy, count_macs, count_params, measure_latency
 from kdsearch.trainers.quantize import get_quantizer
 from kdsearch.trainers.teachers import TeacherTargets, compute_targets, load_teacher
+from kdsearch.trainers.teaching import Teaching
 
 log = logging.getLogger("kdsearch")
 
@@ -48,10 +49,17 @@ def local_latency(model: nn.Module, example: torch.Tensor, artifact: Path) -> La
 
 @dataclass
 class TrialContext:
-    """What every trial of a search shares: the data and the teacher's outputs on it."""
+    """What every trial of a search shares: the data, the teachers and their outputs on the clean data."""
 
     data: DataBundle
-    targets: TeacherTargets
+    teachers: list[TeacherTargets]
+    view_seed: int = 0  # stored views are drawn from it (the data's seed: searches with other seeds share them)
+    teacher_passes: int = 0  # teacher forward passes (samples x teachers) spent preparing
+
+    @property
+    def targets(self) -> TeacherTargets:
+        """The first teacher's: what students are compared with (footprint, reference point)."""
+        return self.teachers[0]
 
     @property
     def example(self) -> torch.Tensor:
@@ -65,17 +73,30 @@ def hints_possible(space: Space) -> bool:
     return any(v != "none" for v in values)
 
 
+def knob_values(space: Space, name: str, default: Any) -> tuple[Any, ...]:
+    """Every value a fixed or choice knob can take (its default where the space leaves it out)."""
+    section, _, key = name.rpartition(".")
+    knob = space.sections.get(section, {}).get(key, Fixed(default))
+    return knob.values if isinstance(knob, Choice) else (knob.value,) if isinstance(knob, Fixed) else ()
+
+
 def prepare(space: Space) -> TrialContext:
-    """Load the data, load (or train and cache) the teacher, and run it once over the data."""
+    """Load the data, load (or train and cache) each teacher, and run it once over the clean data."""
     data = load_data(space.data)
-    teacher = load_teacher(space.teacher, data)
-    want_features = hints_possible(space)
-    described = space.teacher.family or space.teacher.path or space.teacher.module or ""
-    targets = compute_targets(teacher, data, want_features, described)
-    if want_features and not targets.feature_shapes:
-        raise SpaceError("distill.hint_stages", "the teacher exposes no stage outputs (no forward_stages)",
-                         "set hint_stages: none, or give a teacher module with forward_stages")
-    return TrialContext(data, targets)
+    hint_teachers = set(knob_values(space, "distill.hint_teacher", 0)) if hints_possible(space) else set()
+    for index in hint_teachers:
+        if not isinstance(index, int) or index >= len(space.teachers):
+            raise SpaceError("distill.hint_teacher", f"{index!r} but the space has {len(space.teachers)} teachers",
+                             f"use 0..{len(space.teachers) - 1}")
+    teachers = []
+    for index, config in enumerate(space.teachers):
+        described = config.family or config.path or config.module or ""
+        targets = compute_targets(load_teacher(config, data), data, index in hint_teachers, described)
+        if index in hint_teachers and not targets.feature_shapes:
+            raise SpaceError("distill.hint_stages", f"teacher {index} exposes no stage outputs (no forward_stages)",
+                             "set hint_stages: none, or give a teacher module with forward_stages")
+        teachers.append(targets)
+    return TrialContext(data, teachers, view_seed=space.data.seed, teacher_passes=len(data.train) * len(teachers))
 
 
 def pruned_structure(model: nn.Module, config: TrialConfig, example: torch.Tensor) -> nn.Module:
@@ -117,8 +138,9 @@ def deployed_footprint(student: nn.Module, config: TrialConfig, example: torch.T
 class _Distiller:
     """Student + loss + optimiser for one phase (distillation, or fine-tuning after pruning)."""
 
-    def __init__(self, student: nn.Module, config: TrialConfig, context: TrialContext, epochs: int, device: str):
-        self.student, self.context, self.config, self.device = student, context, config, device
+    def __init__(self, student: nn.Module, config: TrialConfig, context: TrialContext, epochs: int, device: str,
+                 teaching: Teaching):
+        self.student, self.context, self.config, self.device, self.teaching = student, context, config, device, teaching
         self.loss = self._loss()
         self.optimizer = make_optimizer(list(student.parameters()) + list(self.loss.parameters()), config.train)
         self.scheduler = cosine_lr(self.optimizer, epochs * steps_per_epoch(context.data.train, config.train.batch_size))
@@ -129,20 +151,21 @@ class _Distiller:
             was = self.student.training
             _, features = self.student.eval().forward_stages(example)
             self.student.train(was)
-        return build_distill_loss(self.config.distill, [f.shape for f in features],
-                                  self.context.targets.feature_shapes).to(self.device)
+        hint = self.context.teachers[min(self.config.distill.hint_teacher, len(self.context.teachers) - 1)]
+        return build_distill_loss(self.config.distill, [f.shape for f in features], hint.feature_shapes).to(self.device)
 
     def step_loss(self, idx: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         hints = self.loss.needs_features
+        x, teachers, targets = self.teaching.batch(idx, x, y, hints)
         if hints:
             logits, features = self.student.forward_stages(x)
             student = Outputs(logits, features)
         else:
             student = Outputs(self.student(x))
-        teacher = self.context.targets.batch(idx, x, hints)
-        return self.loss(student, Teachers.single(teacher), y)
+        return self.loss(student, teachers, targets)
 
     def epoch(self, epoch: int, seed: int, fractions: Sequence[float] = (), on_fraction: Optional[OnFraction] = None) -> float:
+        self.teaching.start_epoch(epoch)
         modules = nn.ModuleList([self.student, self.loss])
         return train_epoch(modules, self.context.data.train, self.config.train.batch_size, seed,
                            self.optimizer, self.scheduler, self.step_loss, epoch, self.device, fractions, on_fraction)
@@ -199,7 +222,7 @@ def run_trial(space: Space, params: dict[str, Any], report: Optional[Report] = N
     def epoch_done(epoch: int, loss: float, phase: str, state: Optional[dict] = None) -> None:
         nonlocal pending
         pending = {"epoch": epoch, "val_acc": accuracy(student, data.val, device=device), "train_loss": loss,
-                   "phase": phase, **footprint}
+                   "phase": phase, "teacher_passes": teaching.passes, **footprint}
         if epoch == last_epoch:
             return  # the last epoch is reported with the final measurement
         if checkpoint_state and state is not None:
@@ -212,10 +235,11 @@ def run_trial(space: Space, params: dict[str, Any], report: Optional[Report] = N
         """The report points inside epoch ``epoch`` (0-based) as fractions of it, and what reports them."""
         def report_fraction(fraction: float, loss: float) -> None:
             emit({"epoch": epoch + fraction, "val_acc": accuracy(student, data.val, device=device), "train_loss": loss,
-                  "phase": phase, **footprint})
+                  "phase": phase, "teacher_passes": teaching.passes, **footprint})
         return [point - epoch for point in report_at if epoch < point < epoch + 1], report_fraction
 
-    distiller = _Distiller(student, config, context, distil_epochs, device)
+    teaching = Teaching(context, config, device, seed)
+    distiller = _Distiller(student, config, context, distil_epochs, device, teaching)
     start_epoch = distiller.load(resume) if resume else 0
     for epoch in range(start_epoch, distil_epochs):
         loss = distiller.epoch(epoch, seed, *inside(epoch, "distill"))
@@ -228,7 +252,7 @@ def run_trial(space: Space, params: dict[str, Any], report: Optional[Report] = N
         student = prune_student(student, config.compress.prune_ratio, config.compress.prune_criterion, example,
                                 loss_fn=lambda m: _batch_loss(m, data, targets, config, device))
         recalibrate_batchnorm(student, [x.to(device) for x in calib])  # pruning leaves BatchNorm statistics stale
-        tuner = _Distiller(student, config, context, finetune_epochs, device)
+        tuner = _Distiller(student, config, context, finetune_epochs, device, teaching)
         for epoch in range(finetune_epochs):
             loss = tuner.epoch(distil_epochs + epoch, seed, *inside(distil_epochs + epoch, "finetune"))
             epoch_done(distil_epochs + epoch + 1, loss, "finetune")
@@ -249,6 +273,7 @@ def run_trial(space: Space, params: dict[str, Any], report: Optional[Report] = N
         "val_acc": final_acc,
         "val_acc_distilled": distilled_acc,
         "teacher_val_acc": context.targets.val_acc,
+        "teacher_passes": teaching.passes,
         **float_metrics,
         "size_bytes": size_bytes,
         **latency.as_metrics(),
