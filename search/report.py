@@ -22,19 +22,26 @@ def _short(value: Any) -> str:
 
 def front_table(front: Sequence[Mapping[str, Any]], objectives: Mapping[str, str]) -> str:
     """A plain-text table of the front, one student a row."""
-    headers = ["trial", *objectives, "size_bytes", "T", "alpha", "hints", "prune", "quant", "student"]
+    headers = ["trial", *objectives, "size_bytes", "method", "T", "alpha", "views", "hints", "prune", "quant", "student"]
     rows = []
     for row in front:
         cfg = row["config"]
         rows.append([
             row["trial"], *(_short(row.get(m)) for m in objectives), str(row.get("size_bytes", "")),
+            str(cfg.get("distill.method", "kd")) + ("+ls" if cfg.get("distill.logit_standardize") else ""),
             _short(cfg.get("distill.temperature", "")), _short(cfg.get("distill.alpha", "")),
-            str(cfg.get("distill.hint_stages", "")), _short(cfg.get("compress.prune_ratio", 0.0)),
+            _views(cfg), str(cfg.get("distill.hint_stages", "")), _short(cfg.get("compress.prune_ratio", 0.0)),
             str(cfg.get("compress.quantize", "none")), architecture(cfg),
         ])
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _views(config: Mapping[str, Any]) -> str:
+    """What the teacher saw: the clean data, each augmented batch (online) or K stored views."""
+    augmented = any(config.get(k) for k in config if k.startswith("train.augment."))
+    return str(config.get("distill.teacher_views", "online")) if augmented else "clean"
 
 
 def write_trials_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:

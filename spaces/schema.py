@@ -56,6 +56,8 @@ class TeacherConfig(Strict):
     lr: float = Field(3e-3, gt=0)
     batch_size: int = Field(64, ge=1)
     seed: int = 0
+    augment: "AugmentConfig" = Field(default_factory=lambda: AugmentConfig(),
+                                     description="a built-in teacher's training augmentation (train.augment's knobs, fixed)")
     path: Optional[str] = None
     module: Optional[str] = None
     state_dict: Optional[str] = None
@@ -168,6 +170,8 @@ class CompressConfig(KnobModel):
         QUANTIZERS.get(value, "compress.quantize")
         return value
 
+
+TeacherConfig.model_rebuild()  # its augment field names AugmentConfig, defined above now
 
 SEARCHED_SECTIONS: dict[str, type[KnobModel]] = {"distill": DistillConfig, "train": TrainConfig,
                                                  "train.augment": AugmentConfig, "compress": CompressConfig}
@@ -361,6 +365,19 @@ class Space:
 
     # ---- description ---------------------------------------------------------------
 
+    def _describe_sections(self) -> dict[str, Any]:
+        """Searched sections as a space file writes them: ``train.augment`` nested in ``train``."""
+        out: dict[str, Any] = {}
+        for section, knobs in self.sections.items():
+            parent, _, child = section.partition(".")
+            described = {k: v.describe() for k, v in knobs.items()}
+            if child:
+                if described:
+                    out.setdefault(parent, {})[child] = described
+            else:
+                out[parent] = {**described, **out.get(parent, {})}
+        return out
+
     def describe(self) -> dict[str, Any]:
         """The resolved space as plain data (what `kdsearch validate` prints)."""
         return {
@@ -369,7 +386,7 @@ class Space:
             **({"teacher": self.teacher.model_dump(exclude_none=True)} if len(self.teachers) == 1 else
                {"teachers": [t.model_dump(exclude_none=True) for t in self.teachers]}),
             "students": {n: {k: v.describe() for k, v in f.knobs.items()} for n, f in self.students.items()},
-            **{s: {k: v.describe() for k, v in knobs.items()} for s, knobs in self.sections.items()},
+            **self._describe_sections(),
             "objectives": dict(self.objectives),
             "constraints": dict(self.constraints),
             **({"reference_point": dict(self.reference_point)} if self.reference_point else {}),

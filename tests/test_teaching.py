@@ -128,6 +128,34 @@ def test_a_search_with_two_teachers_runs_end_to_end(tmp_path):
 
 
 def test_trial_reports_teacher_passes(digits_context, digits_space):
-    params = digits_space.sample_random(1)
+    params = {**digits_space.sample_random(1), "train.augment.noise_std": 0.0, "train.augment.mixup_alpha": 0.0,
+              "compress.prune_ratio": 0.0}
     result = run_trial(digits_space, params, context=digits_context, epochs=1)
     assert result["teacher_passes"] == 0, "without augmentation the cached clean outputs are used"
+    params.update({"train.augment.noise_std": 0.3, "distill.teacher_views": "online", "distill.hint_stages": "none"})
+    result = run_trial(digits_space, params, context=digits_context, epochs=1)
+    assert result["teacher_passes"] == len(digits_context.data.train), "online: one pass per sample and epoch"
+
+
+def test_mnist_space_is_real_mnist_with_students_below_the_teacher():
+    from kdsearch.trainers.data import load_data
+
+    space = kdsearch.load_space("mnist")
+    data = load_data(space.data)
+    assert data.input_shape == (1, 28, 28) and data.num_classes == 10 and len(data.train) + len(data.val) == 5000
+    assert space.knob("train.augment.crop_padding").describe() == {"choice": [0, 2]}
+    assert space.knob("distill.method").describe() == {"choice": ["kd", "dkd", "mlkd"]}
+    assert space.constraints["max_params"] < 103_466, "every student is smaller than the teacher"
+
+
+def test_a_built_in_teacher_can_train_on_augmented_views(tmp_path, monkeypatch):
+    from kdsearch.trainers.teachers import load_teacher, teacher_key
+
+    monkeypatch.setenv("KDSEARCH_CACHE_DIR", str(tmp_path))
+    plain = kdsearch.load_space({"teacher": {"family": "mlp", "epochs": 1}, "students": {"mlp": {}}})
+    noisy = kdsearch.load_space({"teacher": {"family": "mlp", "epochs": 1, "augment": {"noise_std": 0.5}},
+                                 "students": {"mlp": {}}})
+    context = prepare(plain)
+    assert teacher_key(plain.teacher, context.data) != teacher_key(noisy.teacher, context.data)
+    a, b = load_teacher(plain.teacher, context.data), load_teacher(noisy.teacher, context.data)
+    assert not torch.equal(a(context.data.val.x), b(context.data.val.x))

@@ -48,17 +48,27 @@ def teacher_key(config: TeacherConfig, data: DataBundle) -> str:
 
 
 def train_builtin_teacher(config: TeacherConfig, data: DataBundle) -> nn.Module:
-    """Plain cross-entropy training of the built-in teacher family."""
+    """Cross-entropy training of the built-in teacher family, on ``teacher.augment``'s views when asked:
+    a teacher that has not memorised the training images gives informative soft targets on them."""
+    from kdsearch.trainers.augment import Augment
+
     family = get_family(config.family or "")
     torch.manual_seed(config.seed)
     model = family.build(family.config.model_validate(config.config), data.input_shape, data.num_classes)
     train = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, optimizer="adamw")
     optimizer = make_optimizer(model.parameters(), train)
     scheduler = cosine_lr(optimizer, train.epochs * steps_per_epoch(data.train, train.batch_size))
-    loss_fn = nn.CrossEntropyLoss()
+    augment = Augment(config.augment, data.input_shape, data.fill_value())
+    generator = torch.Generator().manual_seed(config.seed)
+
+    def step_loss(idx: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not augment.active:
+            return nn.functional.cross_entropy(model(x), y)
+        seen = augment.apply(x, augment.sample(len(x), generator), labels=y)
+        return nn.functional.cross_entropy(model(seen.x), seen.targets(y, data.num_classes))
+
     for epoch in range(train.epochs):
-        train_epoch(model, data.train, train.batch_size, config.seed, optimizer, scheduler,
-                    lambda idx, x, y: loss_fn(model(x), y), epoch)
+        train_epoch(model, data.train, train.batch_size, config.seed, optimizer, scheduler, step_loss, epoch)
     return model.eval()
 
 
