@@ -98,7 +98,8 @@ def distil_trainable(config: dict[str, Any], *, space: Space, context: Any, meas
                       report_at=report_at)
         except TrialDiverged as exc:
             # deterministic: reported, not raised, so Tune does not retry it as if a node had died
-            tune.report({"diverged": 1, "error": str(exc)})
+            # NaN objectives: the scheduler drops the trial from every rung it reached
+            tune.report({"diverged": 1, "error": str(exc), **{m: float("nan") for m in space.objectives}})
 
 
 # --------------------------------------------------------------------------- wiring
@@ -227,6 +228,23 @@ def start_ray(address: Optional[str]) -> bool:
 RESUME_FILE = "kdsearch.json"
 
 
+def check_local_resources(options: SearchOptions) -> None:
+    """A search on this machine (no ``--address``) must fit it: Ray would wait forever for a GPU it lacks."""
+    if options.address:
+        return
+    cpus = os.cpu_count() or 1
+    if options.cpus_per_trial > cpus:
+        raise UserError(f"cpus_per_trial (--cpus-per-trial): {options.cpus_per_trial:g} but this machine has {cpus} CPUs; "
+                        f"fix: pass at most {cpus}, or --address of a cluster with larger nodes")
+    if options.gpus_per_trial > 0:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if options.gpus_per_trial > gpus:
+            raise UserError(f"gpus_per_trial (--gpus-per-trial): {options.gpus_per_trial:g} but this machine has {gpus} GPUs; "
+                            "fix: pass --gpus-per-trial 0, or --address of a cluster with GPUs")
+
+
 def as_space(space: "Space | str | Path | Mapping[str, Any] | None") -> Space:
     """A :class:`Space` from a Space, a file path, a dict, or None (the built-in digits space)."""
     return space if isinstance(space, Space) else load_space(space)
@@ -248,6 +266,7 @@ def run_search(space: "Space | str | Path | Mapping[str, Any] | None" = None, *,
 
     space = as_space(space)
     options = SearchOptions.parse({**(options.model_dump(exclude_unset=True) if options else {}), **values})
+    check_local_resources(options)  # before any store, run or Ray session exists
     mlflow_client = client(options.tracking_uri)
     exp_id = experiment_id(mlflow_client, options.experiment, create=True)
     name = options.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"

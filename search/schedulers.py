@@ -180,8 +180,10 @@ class ParetoASHA(FIFOScheduler):
     between two recorded values.
 
     Missing or ``None`` metrics: the result is not ranked (the trial continues
-    and is judged on its next complete result). Non-finite values (NaN, inf)
-    rank behind every finite result and never protect their trial. The
+    and is judged on its next complete result). A result with a non-finite
+    objective (NaN, inf: a diverged trial) stops its trial and removes it from
+    every rung it reached, as does an error, so a trial that scored well early
+    and then diverged can neither stop healthy trials nor be promoted. The
     scheduler leaves Tune's ``metric`` unset, so Tune's strict metric check does
     not reject results that lack one of the objectives.
 
@@ -295,6 +297,10 @@ class ParetoASHA(FIFOScheduler):
         return int(np.random.choice(len(self._brackets), p=weights / weights.sum()))
 
     def on_trial_result(self, tune_controller: TuneController, trial: Trial, result: dict) -> str:
+        if self._diverged(result):  # its earlier records must neither stop others nor be promoted
+            self._forget(trial.trial_id)
+            self._num_stopped += 1
+            return TrialScheduler.STOP
         progress = result.get(self._time_attr)
         if progress is None:
             return TrialScheduler.CONTINUE
@@ -311,12 +317,32 @@ class ParetoASHA(FIFOScheduler):
     ) -> None:
         # Record the last result so later arrivals at this rung compete with it.
         progress = result.get(self._time_attr)
-        if progress is not None:
+        if self._diverged(result):
+            self._forget(trial.trial_id)
+        elif progress is not None:
             self._judge(trial, progress, result)
+        self._bracket_of.pop(trial.trial_id, None)
+
+    def on_trial_error(self, tune_controller: TuneController, trial: Trial) -> None:
+        """A failed trial leaves every rung: a good early score must not stop healthy trials."""
+        self._forget(trial.trial_id)
         self._bracket_of.pop(trial.trial_id, None)
 
     def on_trial_remove(self, tune_controller: TuneController, trial: Trial) -> None:
         self._bracket_of.pop(trial.trial_id, None)
+
+    def _diverged(self, result: dict) -> bool:
+        """Whether the result reports an objective as NaN or infinite (a diverged trial)."""
+        for metric in self._metrics:
+            value = result.get(metric)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
+                return True
+        return False
+
+    def _forget(self, trial_id: str) -> None:
+        for rungs in self._brackets:
+            for rung in rungs:
+                rung.recorded.pop(trial_id, None)
 
     def _judge(self, trial: Trial, progress: float, result: dict) -> str:
         """Record the result at the highest rung it reached, if new there, and decide."""

@@ -117,3 +117,15 @@ def test_two_searches_in_one_process_print_nothing_and_write_only_beside_the_sto
     assert any(p.name == "pareto_front.json" for p in stored)
     assert any(p.name == "student.pt" for p in stored)
     assert any(p.name == "MLmodel" for p in stored), "front models are logged beside the store too"
+
+
+@pytest.mark.parametrize("option, needle", [({"gpus_per_trial": 1}, "gpus_per_trial (--gpus-per-trial): 1 but"),
+                                            ({"cpus_per_trial": 512}, "cpus_per_trial (--cpus-per-trial): 512 but")])
+def test_resources_this_machine_lacks_fail_at_once_and_create_nothing(tmp_path, monkeypatch, option, needle):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(kdsearch.UserError) as caught:
+        kdsearch.run_search(num_samples=2, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", **option)
+    assert needle in str(caught.value) and "\n" not in str(caught.value)
+    assert list(tmp_path.iterdir()) == []

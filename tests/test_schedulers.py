@@ -181,15 +181,30 @@ def test_crowding_keeps_the_ends_of_a_front() -> None:
     assert rung_with((1, 1)) == CONTINUE
 
 
-def test_nan_ranks_worst() -> None:
+def test_non_finite_result_stops_its_trial_and_is_not_recorded() -> None:
     scheduler = acc_and_size()
-    assert feed(scheduler, val_acc=math.nan, params=10) == CONTINUE  # alone: as ASHA
-    # Smallest, yet broken: no protection from its size.
-    assert feed(scheduler, val_acc=0.9, params=10_000) == CONTINUE
-    assert feed(scheduler, val_acc=math.nan, params=1) == STOP
-    # A dominated but finite result ranks ahead of both broken ones: second of four
-    # continues. Were NaN only the worst accuracy, (nan, 1) would share the first front.
-    assert feed(scheduler, val_acc=0.1, params=100_000) == CONTINUE
+    assert feed(scheduler, val_acc=math.nan, params=10) == STOP  # diverged: stopped, never ranked
+    assert feed(scheduler, val_acc=0.5, params=10_000) == CONTINUE  # the first recorded result, as ASHA
+    assert feed(scheduler, val_acc=0.9, params=math.inf) == STOP
+    assert len(scheduler._brackets[0][0].recorded) == 1
+
+
+def test_a_trial_that_diverges_after_a_rung_leaves_every_rung() -> None:
+    scheduler = acc_and_size()
+    bad = make_trial()
+    scheduler.on_trial_add(None, bad)
+    assert scheduler.on_trial_result(None, bad, {"training_iteration": 1, "val_acc": 0.99, "params": 10}) == CONTINUE
+    assert scheduler.on_trial_result(None, bad, {"training_iteration": 2, "val_acc": math.nan, "params": 10}) == STOP
+    scheduler.on_trial_complete(None, bad, {"training_iteration": 2, "val_acc": math.nan, "params": 10})
+    # every healthy trial below would be dominated by the diverged one's first-rung record
+    for accuracy, params in ((0.6, 100), (0.7, 1_000), (0.8, 10_000)):
+        assert feed(scheduler, val_acc=accuracy, params=params) == CONTINUE
+    errored = make_trial()
+    scheduler.on_trial_add(None, errored)
+    scheduler.on_trial_result(None, errored, {"training_iteration": 1, "val_acc": 0.999, "params": 1})
+    scheduler.on_trial_error(None, errored)
+    assert errored.trial_id not in scheduler._brackets[0][0].recorded
+    assert feed(scheduler, val_acc=0.9, params=20_000) == CONTINUE
 
 
 def test_missing_metric_is_ignored_until_reported() -> None:
@@ -308,3 +323,43 @@ def test_real_tune_run_stops_dominated_and_keeps_the_front(
     # dominators has been recorded at the first rung, so every one of them stops early.
     stopped_early = {student for student, done in iterations.items() if done < MAX_T}
     assert stopped_early == set(range(len(STUDENTS))) - PARETO_OPTIMAL, iterations
+
+
+def test_a_diverging_trial_never_empties_the_front_in_a_real_tune_run(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trial that scores best at the first rung and then diverges (NaN), 10 runs out of 10:
+    the healthy trials all finish."""
+    import ray
+    from ray import tune
+
+    healthy = [(0.6, 100), (0.7, 1_000), (0.8, 10_000)]
+
+    def trainable(config: dict) -> None:
+        import time
+
+        if config["student"] < 0:  # scores best at rung 1, then diverges
+            tune.report({"val_acc": 0.99, "params": 10})
+            tune.report({"val_acc": float("nan"), "params": 10, "diverged": 1})
+            return
+        time.sleep(1.0)  # the healthy ones arrive at the rung after the divergence
+        accuracy, params = healthy[config["student"]]
+        for step in range(1, 4):
+            tune.report({"val_acc": accuracy * step / 3, "params": params})
+
+    monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "0")
+    monkeypatch.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        for run in range(10):
+            scheduler = ParetoASHA(objectives={"val_acc": "max", "params": "min"}, grace_period=1,
+                                   reduction_factor=3, max_t=3)
+            results = tune.Tuner(
+                trainable, param_space={"student": tune.grid_search([-1, 0, 1, 2])},
+                tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=4),
+                run_config=tune.RunConfig(name=f"diverge-{run}", storage_path=str(tmp_path), verbose=0),
+            ).fit()
+            finished = {r.config["student"]: r.metrics["training_iteration"] for r in results}
+            assert all(finished[student] == 3 for student in range(3)), (run, finished)
+    finally:
+        ray.shutdown()
+
