@@ -32,7 +32,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     import yaml
 
     space = _space(args.space)
-    print(yaml.safe_dump(space.describe(), sort_keys=False, default_flow_style=None).rstrip())
+    described = space.describe()
+    print(yaml.safe_dump(described, sort_keys=False, default_flow_style=None).rstrip())
+    modules = sorted({ref.partition(":")[0] for ref in _refs(described)})
+    if modules:  # trusted like Python code: say which
+        print(f"# imports (runs their code, trusted like any Python you import): {', '.join(modules)}", file=sys.stderr)
     print(f"# ok: {space.source}", file=sys.stderr)
     return 0
 
@@ -57,6 +61,17 @@ def cmd_list(args: argparse.Namespace) -> int:
             tag = f"[{kind}] " if isinstance(kind, str) else ""
             print(f"{indent}{name:<{width}}  {tag}{registry.describe(name).replace('``', '')}".rstrip())
     return 0
+
+
+def _refs(value: Any) -> list[str]:
+    """Every ``module:attr`` reference in a described space (builders, sources, losses, quantizers, ...)."""
+    import re
+
+    if isinstance(value, dict):
+        return [ref for v in value.values() for ref in _refs(v)]
+    if isinstance(value, (list, tuple)):
+        return [ref for v in value for ref in _refs(v)]
+    return [value] if isinstance(value, str) and re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", value) else []
 
 
 # --------------------------------------------------------------------------- trial

@@ -291,22 +291,26 @@ def run_search(space: "Space | str | Path | Mapping[str, Any] | None" = None, *,
 
 def resume_search(path: str | Path) -> SearchResult:
     """Finish a search whose driver died: same Tune experiment, same MLflow parent run."""
-    import yaml
-
     from kdsearch.search.tracking import client
     from kdsearch.spaces import parse_space
+    from kdsearch.spaces.schema import read_yaml
 
     path = str(path) if "://" in str(path) else str(Path(path).resolve())
     meta_file = Path(path) / RESUME_FILE
     if not meta_file.is_file():
         raise UserError(f"{path}: no {RESUME_FILE} there; fix: pass the tune folder `kdsearch run` printed")
-    meta = json.loads(meta_file.read_text())
-    options = SearchOptions.parse({k: v for k, v in meta["options"].items() if k in SearchOptions.model_fields})
-    source = Path(meta["space_source"]) if meta.get("space_source") not in (None, "None") else None
-    space = parse_space(yaml.safe_load(meta["space_text"]), source, meta["space_text"])
+    try:
+        meta = json.loads(meta_file.read_text())
+        options = SearchOptions.parse({k: v for k, v in meta["options"].items() if k in SearchOptions.model_fields})
+        source = Path(meta["space_source"]) if meta.get("space_source") not in (None, "None") else None
+        text, parent_id, exp_id = meta["space_text"], meta["parent_run_id"], meta["experiment_id"]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"{meta_file}: not a kdsearch resume file ({type(exc).__name__}: {str(exc)[:80]}); "
+                        "fix: pass the tune folder `kdsearch run` printed, or start the search again") from None
+    space = parse_space(read_yaml(text, str(meta_file)), source, text)
     mlflow_client = client(options.tracking_uri)
     log.info(f"resuming search {options.name} from {path}")
-    return _drive(space, options, mlflow_client, meta["experiment_id"], meta["parent_run_id"], str(path), restore=True)
+    return _drive(space, options, mlflow_client, exp_id, parent_id, str(path), restore=True)
 
 
 def _drive(space: Space, options: SearchOptions, mlflow_client, exp_id: str, parent_id: str, path: str,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 from typing import Any, Callable, Generic, Iterator, Optional, TypeVar, overload
 
 from kdsearch.spaces.errors import SpaceError
@@ -51,13 +52,23 @@ def import_ref(ref: str, path: str) -> Any:
     module_name, sep, attr = ref.partition(":")
     if not sep or not module_name or not attr:
         raise SpaceError(path, f"{ref!r} is not a module:attr reference", "write it as 'package.module:name'")
+    refuse = "point to a function of your own package: a space file's refs run code, trusted like Python you import"
+    if _standard_library(module_name):
+        raise SpaceError(path, f"{ref!r} is in the Python standard library", refuse)
     try:
         obj: Any = importlib.import_module(module_name)
         for part in attr.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as exc:
         raise SpaceError(path, f"cannot import {ref!r} ({exc})", "check the module is on PYTHONPATH and the name exists") from None
+    defined_in = getattr(obj, "__module__", None)
+    if isinstance(defined_in, str) and _standard_library(defined_in):  # `from os import system` in a user module
+        raise SpaceError(path, f"{ref!r} is {defined_in}.{getattr(obj, '__name__', attr)} of the standard library", refuse)
     return obj
+
+
+def _standard_library(module: str) -> bool:
+    return module.split(".")[0] in sys.stdlib_module_names
 
 
 class UnknownEntry(SpaceError, KeyError):

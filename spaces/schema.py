@@ -530,13 +530,66 @@ def load_space(path_or_dict: str | Path | Mapping[str, Any] | None = None) -> Sp
     if not path.is_file() and (BUILTIN_DIR / f"{path}.yaml").is_file():
         path = BUILTIN_DIR / f"{path}.yaml"
     try:
-        text = path.read_text()
+        size = path.stat().st_size
+        if size > MAX_SPACE_BYTES:
+            raise SpaceError(str(path), f"the file is {size:,} bytes, over the {MAX_SPACE_BYTES:,}-byte limit of a space file",
+                             "give a space file (a few kB of YAML)")
+        data = path.read_bytes()
     except OSError as exc:
         raise SpaceError(str(path), f"cannot read the space file ({exc.strerror})", "check the path") from None
+    text = read_text(data, str(path))
+    return parse_space(read_yaml(text, str(path)), path, text)
+
+
+#: a space file is a few kB; past this it is a mistake (or an attack), and is refused before parsing
+MAX_SPACE_BYTES = 1 << 20
+#: aliases a space file may use: each is expanded, so a few nested ones can blow up memory ("billion laughs")
+MAX_ALIASES = 100
+
+
+def read_text(data: bytes, where: str) -> str:
+    """``data`` as UTF-8 text; a binary file is refused with one line."""
+    if b"\x00" in data:
+        raise SpaceError(where, "the file is binary, not YAML text", "give a YAML space file")
     try:
-        raw = yaml.safe_load(text)
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpaceError(where, "the file is not UTF-8 text", "save the space file as UTF-8 YAML") from None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys (the last would silently win) and caps aliases."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                mark = self.peek_event().start_mark
+                raise yaml.constructor.ConstructorError(None, None, f"more than {MAX_ALIASES} aliases", mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(text: str, where: str) -> Any:
+    """YAML by the safe loader, with duplicate keys and alias bombs refused in one line naming the line."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise SpaceError(str(path), f"not valid YAML{where}", "fix the YAML syntax") from None
-    return parse_space(raw, path, text)
+        where_line = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        fix = "keep one of them" if "duplicate key" in problem else \
+            "write the values out" if "aliases" in problem else "fix the YAML syntax"
+        raise SpaceError(where, f"{problem}{where_line}", fix) from None

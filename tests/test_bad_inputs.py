@@ -1,0 +1,85 @@
+"""Bad input, table-driven: exit code 2, one line naming the field and the fix, no traceback, nothing created.
+
+Each case runs ``kdsearch`` in-process (``main(argv)``) from an empty folder; a space file or a
+module it needs is written beside it first.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from kdsearch.search.cli import main
+
+GOOD = "teacher: {family: mlp, epochs: 1}\nstudents:\n  mlp: {width: 16}\n"
+
+#: id -> (space file text or None, argv after the command's name, text the error line must hold)
+CASES = {
+    "yaml-duplicate-key": ("teacher: {family: mlp}\nteacher: {family: cnn}\nstudents: {mlp: {}}\n",
+                           ["validate", "space.yaml"], "duplicate key 'teacher' at line 2"),
+    "yaml-alias-bomb": ("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 12)}]\n" for p, c in zip("abcdefghi", "bcdefghij")) + GOOD,
+        ["validate", "space.yaml"], "more than 100 aliases"),
+    "yaml-syntax": ("teacher: {family: mlp\n", ["validate", "space.yaml"], "space.yaml"),
+    "yaml-not-a-mapping": ("- a\n- b\n", ["validate", "space.yaml"], "not a mapping"),
+    "binary-file": (b"\x00\x01\x02PK\x03\x04", ["validate", "space.yaml"], "binary, not YAML"),
+    "not-utf8": (b"name: caf\xe9\n", ["validate", "space.yaml"], "not UTF-8"),
+    "too-big": ("# " + "x" * (1 << 20) + "\n" + GOOD, ["validate", "space.yaml"], "over the 1,048,576-byte limit"),
+    "missing-file": (None, ["validate", "nope.yaml"], "nope.yaml: cannot read the space file"),
+    "unknown-section": (GOOD + "extras: 1\n", ["validate", "space.yaml"], "extras: unknown section"),
+    "unknown-knob": (GOOD + "train: {learning_rate: 0.1}\n", ["validate", "space.yaml"], "train.learning_rate"),
+    "knob-out-of-range": (GOOD + "train: {lr: -1}\n", ["validate", "space.yaml"], "train.lr"),
+    "low-above-high": (GOOD + "train: {lr: {low: 0.1, high: 0.01}}\n", ["validate", "space.yaml"], "train.lr"),
+    "unknown-family": ("teacher: {family: mlp}\nstudents: {transformer: {}}\n", ["validate", "space.yaml"],
+                       "students.transformer"),
+    "unknown-quantizer": (GOOD + "compress: {quantize: int4}\n", ["validate", "space.yaml"], "compress.quantize"),
+    "unknown-method": (GOOD + "distill: {method: crd}\n", ["validate", "space.yaml"], "distill.method"),
+    "unknown-mix": (GOOD + "distill: {teacher_mix: vote}\n", ["validate", "space.yaml"], "distill.teacher_mix"),
+    "teacher-and-teachers": (GOOD + "teachers: [{family: mlp}]\n", ["validate", "space.yaml"], "teachers"),
+    "weights-per-teacher": (GOOD + "distill: {teacher_mix: weighted, teacher_weights: [0.5, 0.5]}\n",
+                            ["validate", "space.yaml"], "distill.teacher_weights"),
+    "views-out-of-range": (GOOD + "distill: {teacher_views: 0}\n", ["validate", "space.yaml"], "distill.teacher_views"),
+    "augment-unknown": (GOOD + "train: {augment: {rotate: 10}}\n", ["validate", "space.yaml"], "train.augment.rotate"),
+    "stdlib-ref-os-system": (GOOD + "data: {source: 'os:system', options: {command: 'touch pwned'}}\n",
+                             ["validate", "space.yaml"], "'os:system' is in the Python standard library"),
+    "stdlib-ref-subprocess": (GOOD.replace("students:\n  mlp: {width: 16}", "students:\n  m: {builder: 'subprocess:run'}"),
+                              ["validate", "space.yaml"], "'subprocess:run' is in the Python standard library"),
+    "stdlib-ref-eval": (GOOD + "compress: {quantize: 'builtins:eval'}\n", ["validate", "space.yaml"],
+                        "'builtins:eval' is in the Python standard library"),
+    "ref-missing-module": (GOOD + "data: {source: 'no_such_module_xyz:load'}\n", ["validate", "space.yaml"],
+                           "cannot import 'no_such_module_xyz:load'"),
+    "objective-unknown": (GOOD + "objectives: {accuracy: max}\n", ["validate", "space.yaml"], "objectives.accuracy"),
+    "constraint-negative": (GOOD + "constraints: {max_params: -5}\n", ["validate", "space.yaml"], "constraints.max_params"),
+    "run-num-samples-0": (None, ["run", "--num-samples", "0"], "num_samples (--num-samples): must be at least 1"),
+    "run-budget-negative": (None, ["run", "--budget-epochs", "-5"], "budget_epochs (--budget-epochs): must be above 0"),
+    "run-grace-0": (None, ["run", "--grace-period", "0"], "grace_period (--grace-period): must be above 0"),
+    "run-eta-1": (None, ["run", "--reduction-factor", "1"], "reduction_factor (--reduction-factor): must be at least 2"),
+    "run-cpus-negative": (None, ["run", "--cpus-per-trial", "-1"], "cpus_per_trial (--cpus-per-trial): must be above 0"),
+    "run-gpus-missing": (None, ["run", "--gpus-per-trial", "64"], "gpus_per_trial (--gpus-per-trial): 64 but"),
+    "run-epochs-0": (None, ["run", "--epochs", "0"], "epochs (--epochs): must be at least 1"),
+    "run-experiment-empty": (None, ["run", "--experiment", ""], "experiment (--experiment)"),
+    "run-name-path": (None, ["run", "--name", "../../x"], "name (--name)"),
+    "run-max-failures-negative": (None, ["run", "--max-failures", "-1"], "max_failures (--max-failures)"),
+    "trial-params-not-json": (None, ["trial", "--params", "{nope"], "--params: not valid JSON"),
+    "trial-params-unknown-knob": (None, ["trial", "--params", '{"train.momentumm": 0.5}'], "params.train.momentumm"),
+    "resume-no-folder": (None, ["resume", "no-such-folder"], "no kdsearch.json there"),
+    "export-bad-limit": (None, ["export", "--max-latency-ms", "-1"], "--max-latency-ms"),
+    "export-no-store": (None, ["export", "--tracking-uri", "sqlite:///nowhere/mlflow.db"], "--tracking-uri"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_line_exit_2_and_creates_nothing(case, tmp_path, monkeypatch, capsys):
+    space, argv, needle = CASES[case]
+    monkeypatch.chdir(tmp_path)
+    if space is not None:
+        (tmp_path / "space.yaml").write_bytes(space if isinstance(space, bytes) else space.encode())
+    before = set(os.listdir(tmp_path))
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("kdsearch: error: "), err
+    assert needle in err[0], err[0]
+    assert "Traceback" not in err[0] and "fix:" in err[0]
+    assert set(os.listdir(tmp_path)) == before, "nothing is created"
