@@ -149,6 +149,7 @@ class TrainConfig(KnobModel):
     lr: float = Field(3e-3, gt=0.0, le=10.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd only")
+    grad_clip: float = Field(0.0, ge=0.0, le=1e6, description="clip the gradient norm to this (0: off)")
 
 
 class CompressConfig(KnobModel):

@@ -69,6 +69,21 @@ CASES = {
 }
 
 
+def test_non_finite_inputs_are_refused_with_the_sample_count(tmp_path):
+    import numpy as np
+
+    import kdsearch
+    from kdsearch.trainers.data import load_data
+
+    x = np.random.default_rng(0).normal(size=(40, 6)).astype(np.float32)
+    x[[3, 7, 9], 2] = [np.nan, np.inf, -np.inf]
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=np.arange(40) % 2)
+    space = kdsearch.load_space({"data": {"source": "npz", "path": str(tmp_path / "d.npz")},
+                                 "teacher": {"family": "mlp"}, "students": {"mlp": {}}})
+    with pytest.raises(kdsearch.SpaceError, match=r"^data: \d of \d+ (training|validation) samples hold NaN or infinite"):
+        load_data(space.data)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_is_one_line_exit_2_and_creates_nothing(case, tmp_path, monkeypatch, capsys):
     space, argv, needle = CASES[case]

@@ -172,3 +172,24 @@ def test_trial_cli_bad_params_is_one_line_exit_2():
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "student.cnn.kernel" in proc.stderr
+
+
+def test_grad_clip_bounds_each_step():
+    """``train.grad_clip``: with SGD at lr 1 a step moves the weights by at most the clip norm."""
+    from torch import nn
+
+    from kdsearch.spaces import TrainConfig
+    from kdsearch.trainers.data import TensorData
+    from kdsearch.trainers.loop import make_optimizer, train_epoch
+
+    data = TensorData(torch.randn(16, 4) * 100, torch.zeros(16, dtype=torch.int64))
+    for clip, bounded in ((0.5, True), (0.0, False)):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3)
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        optimizer = make_optimizer(model.parameters(), TrainConfig(optimizer="sgd", lr=1.0, momentum=0.0, weight_decay=0.0))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        train_epoch(model, data, 16, 0, optimizer, scheduler, lambda i, x, y: nn.functional.cross_entropy(model(x), y), 0,
+                    grad_clip=clip)
+        moved = (torch.cat([p.detach().flatten() for p in model.parameters()]) - before).norm().item()
+        assert (moved <= 0.5 + 1e-5) == bounded, (clip, moved)

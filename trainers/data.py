@@ -9,6 +9,7 @@ by sample index.
 from __future__ import annotations
 
 import hashlib
+import logging
 import inspect
 import json
 import os
@@ -26,6 +27,8 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from kdsearch.spaces import DataConfig, SpaceError
 from kdsearch.spaces.registry import SOURCES, is_ref
+
+log = logging.getLogger("kdsearch")
 
 
 class TensorData(Dataset):
@@ -181,6 +184,10 @@ def hash_arrays(*arrays: np.ndarray | torch.Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
+#: a standardised input beyond this many standard deviations is reported (with the sample count)
+OUTLIER_Z = 50.0
+
+
 def in_memory_bundle(x: np.ndarray, y: np.ndarray, config: DataConfig, name: str,
                      val: Optional[tuple[np.ndarray, np.ndarray]] = None, *, scale: float = 1.0) -> DataBundle:
     """Split (unless ``val`` is given), divide by ``scale`` and standardise per channel (per
@@ -202,6 +209,11 @@ def in_memory_bundle(x: np.ndarray, y: np.ndarray, config: DataConfig, name: str
         y_va = torch.as_tensor(np.asarray(val[1]), dtype=torch.int64)
         if x_va.ndim == 3:
             x_va = x_va.unsqueeze(1)
+    for inputs, split in ((x_tr, "training"), (x_va, "validation")):
+        broken = int((~torch.isfinite(inputs.reshape(len(inputs), -1))).any(1).sum())
+        if broken:
+            raise SpaceError("data", f"{broken} of {len(inputs)} {split} samples hold NaN or infinite values",
+                             "drop or repair those samples before the search")
     raw_va = x_va
     if scale != 1.0:  # the same float32 division the loaders did in numpy before
         x_tr, x_va = x_tr / scale, x_va / scale
@@ -212,6 +224,10 @@ def in_memory_bundle(x: np.ndarray, y: np.ndarray, config: DataConfig, name: str
         x_tr, x_va = x_tr.sub_(mean).div_(std), x_va.sub_(mean).div_(std)
     else:
         x_tr, x_va = (x_tr - mean) / std, (x_va - mean) / std
+    outliers = int((x_tr.abs().reshape(len(x_tr), -1) > OUTLIER_Z).any(1).sum())
+    if outliers:  # legal, but usually a unit or encoding mistake that the loss will feel first
+        log.warning("data: %d of %d training samples lie over %g standard deviations from the mean",
+                    outliers, len(x_tr), OUTLIER_Z)
     num_classes = int(max(y_tr.max(), y_va.max()).item()) + 1
     return DataBundle(
         TensorData(x_tr.contiguous(), y_tr), TensorData(x_va.contiguous(), y_va), num_classes,

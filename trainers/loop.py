@@ -21,7 +21,7 @@ def make_optimizer(params: Iterable[nn.Parameter], config: TrainConfig) -> torch
     params = list(params)
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                               weight_decay=config.weight_decay, nesterov=True)
+                               weight_decay=config.weight_decay, nesterov=config.momentum > 0)  # nesterov needs momentum
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     return cls(params, lr=config.lr, weight_decay=config.weight_decay)
 
@@ -39,7 +39,8 @@ OnFraction = Callable[[float, float], None]
 def train_epoch(modules: nn.Module, dataset: Dataset, batch_size: int, seed: int,
                 optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                 step_loss: StepLoss, epoch: int, device: str = "cpu",
-                fractions: Sequence[float] = (), on_fraction: OnFraction | None = None) -> float:
+                fractions: Sequence[float] = (), on_fraction: OnFraction | None = None,
+                grad_clip: float = 0.0) -> float:
     """One pass over ``dataset``; returns the mean loss, raises :class:`TrialDiverged` on NaN/inf.
 
     ``on_fraction`` is called after the first step at or past each of ``fractions`` (in (0, 1)) with
@@ -59,6 +60,8 @@ def train_epoch(modules: nn.Module, dataset: Dataset, batch_size: int, seed: int
             raise TrialDiverged(f"diverged: loss became {loss.item()} in epoch {epoch + 1}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(modules.parameters(), grad_clip)
         optimizer.step()
         scheduler.step()
         total += loss.item() * len(y)

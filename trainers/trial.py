@@ -168,7 +168,8 @@ class _Distiller:
         self.teaching.start_epoch(epoch)
         modules = nn.ModuleList([self.student, self.loss])
         return train_epoch(modules, self.context.data.train, self.config.train.batch_size, seed,
-                           self.optimizer, self.scheduler, self.step_loss, epoch, self.device, fractions, on_fraction)
+                           self.optimizer, self.scheduler, self.step_loss, epoch, self.device, fractions, on_fraction,
+                           grad_clip=self.config.train.grad_clip)
 
     def state(self, epoch: int) -> dict[str, Any]:
         """A snapshot (copied: the live tensors keep training after it is reported)."""
