@@ -99,10 +99,12 @@ def sample_params(space: Space, pinned_json: Optional[str], seed: int) -> dict[s
 def cmd_trial(args: argparse.Namespace) -> int:
     from kdsearch.trainers.trial import prepare, run_trial
 
+    if args.epochs is not None and args.epochs < 1:
+        raise UserError(f"--epochs {args.epochs}: must be at least 1; fix: pass e.g. --epochs 2, or leave it out")
     space = _space(args.space)
     params = sample_params(space, args.params, args.seed)
+    context = prepare(space)  # checks the data and the teachers before anything is said
     _echo(f"trial: {params['student.family']} student on {space.data.source}, seed {args.seed}")
-    context = prepare(space)
     _echo(f"teacher: {context.targets.description}, val_acc {context.targets.val_acc:.4f}")
 
     def progress(metrics: dict[str, Any], state: Any = None) -> None:

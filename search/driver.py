@@ -229,8 +229,10 @@ RESUME_FILE = "kdsearch.json"
 
 
 def check_local_resources(options: SearchOptions) -> None:
-    """A search on this machine (no ``--address``) must fit it: Ray would wait forever for a GPU it lacks."""
+    """A search on this machine (no ``--address``) must fit it: Ray would wait forever for a GPU it lacks.
+    A cluster's address must answer: ``ray.init`` would wait minutes for one that does not."""
     if options.address:
+        check_address(options.address)
         return
     cpus = os.cpu_count() or 1
     if options.cpus_per_trial > cpus:
@@ -243,6 +245,28 @@ def check_local_resources(options: SearchOptions) -> None:
         if options.gpus_per_trial > gpus:
             raise UserError(f"gpus_per_trial (--gpus-per-trial): {options.gpus_per_trial:g} but this machine has {gpus} GPUs; "
                             "fix: pass --gpus-per-trial 0, or --address of a cluster with GPUs")
+
+
+def check_address(address: str, timeout_s: float = 5.0) -> None:
+    """``host:port`` (or ``ray://host:port``) accepts a TCP connection within ``timeout_s``; ``auto`` is Ray's to find."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise UserError(f"address (--address): {address} does not answer ({exc.strerror or exc}); fix: start the cluster "
+                        "(cluster/local.sh up) or pass the head's address") from None
+
+
+def check_objectives(space: Space) -> None:
+    """A Pareto search needs two objectives or more: one is a single-objective search."""
+    if len(space.objectives) < 2:
+        raise UserError(f"objectives: only {', '.join(space.objectives)}; fix: add a second one (latency_ms: min or "
+                        "params: min), or search one objective with Ray Tune's ASHA directly")
 
 
 def as_space(space: "Space | str | Path | Mapping[str, Any] | None") -> Space:
@@ -266,6 +290,7 @@ def run_search(space: "Space | str | Path | Mapping[str, Any] | None" = None, *,
 
     space = as_space(space)
     options = SearchOptions.parse({**(options.model_dump(exclude_unset=True) if options else {}), **values})
+    check_objectives(space)
     check_local_resources(options)  # before any store, run or Ray session exists
     mlflow_client = client(options.tracking_uri)
     exp_id = experiment_id(mlflow_client, options.experiment, create=True)

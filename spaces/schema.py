@@ -8,6 +8,7 @@ that dies an hour in on a typo is the worst way to learn about it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Mapping, Optional, Union
@@ -487,7 +488,9 @@ def parse_space(raw: Any, source: Optional[Path] = None, text: str = "") -> Spac
     if weights is not None and isinstance(weights, Fixed) and weights.value is not None and len(weights.value) != len(teachers):
         raise SpaceError("distill.teacher_weights", f"{len(weights.value)} weights for {len(teachers)} teachers",
                          "give one weight per teacher")
-    objectives = raw.get("objectives") or {"val_acc": "max", "latency_ms": "min", "params": "min"}
+    objectives = raw.get("objectives", {"val_acc": "max", "latency_ms": "min", "params": "min"})
+    if isinstance(objectives, dict) and not objectives:
+        raise SpaceError("objectives", "is empty", "name at least two, e.g. {val_acc: max, latency_ms: min}, or leave it out")
     if not isinstance(objectives, dict):
         raise SpaceError("objectives", "expected a mapping metric: max|min", "write e.g. {val_acc: max, params: min}")
     for metric, direction in objectives.items():
@@ -511,6 +514,8 @@ def parse_space(raw: Any, source: Optional[Path] = None, text: str = "") -> Spac
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise SpaceError(f"reference_point.{metric}", f"expected a number, got {value!r}", "give a number")
     name = str(raw.get("name") or (source.stem if source else "space"))
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):  # it names runs and folders
+        raise SpaceError("name", f"{name!r} is not a plain name", "use letters, digits, '.', '_' and '-' only")
     return Space(name, data, teachers, students, sections, dict(objectives), dict(constraints),
                  {k: float(v) for k, v in reference.items()} if reference else None, source, text)
 

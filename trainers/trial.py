@@ -95,6 +95,13 @@ def prepare(space: Space) -> TrialContext:
         if index in hint_teachers and not targets.feature_shapes:
             raise SpaceError("distill.hint_stages", f"teacher {index} exposes no stage outputs (no forward_stages)",
                              "set hint_stages: none, or give a teacher module with forward_stages")
+        if index in hint_teachers:
+            stages = len(targets.feature_shapes)
+            for spec in knob_values(space, "distill.hint_stages", "none"):
+                wrong = [p for p in str(spec).split(",") if p.strip().isdigit() and int(p) >= stages]
+                if wrong:
+                    raise SpaceError("distill.hint_stages", f"{spec!r} names stage {wrong[0]} but teacher {index} has "
+                                     f"{stages} stages", f"use indices 0..{stages - 1}, last or all")
         teachers.append(targets)
     return TrialContext(data, teachers, view_seed=space.data.seed, teacher_passes=len(data.train) * len(teachers))
 
