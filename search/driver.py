@@ -292,6 +292,7 @@ def run_search(space: "Space | str | Path | Mapping[str, Any] | None" = None, *,
     options = SearchOptions.parse({**(options.model_dump(exclude_unset=True) if options else {}), **values})
     check_objectives(space)
     check_local_resources(options)  # before any store, run or Ray session exists
+    context = prepare_checked(space)
     mlflow_client = client(options.tracking_uri)
     exp_id = experiment_id(mlflow_client, options.experiment, create=True)
     name = options.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -311,7 +312,7 @@ def run_search(space: "Space | str | Path | Mapping[str, Any] | None" = None, *,
     log.info(f"search {name}: {options.num_samples} trials, searcher {options.searcher}, scheduler {options.scheduler}, "
              f"{options.max_concurrent} at a time")
     log.info(f"tune folder {path} (resume with: kdsearch resume {path})")
-    return _drive(space, options, mlflow_client, exp_id, parent_id, path, restore=False)
+    return _drive(space, options, mlflow_client, exp_id, parent_id, path, restore=False, context=context)
 
 
 def resume_search(path: str | Path) -> SearchResult:
@@ -335,11 +336,37 @@ def resume_search(path: str | Path) -> SearchResult:
     space = parse_space(read_yaml(text, str(meta_file)), source, text)
     mlflow_client = client(options.tracking_uri)
     log.info(f"resuming search {options.name} from {path}")
-    return _drive(space, options, mlflow_client, exp_id, parent_id, str(path), restore=True)
+    return _drive(space, options, mlflow_client, exp_id, parent_id, str(path), restore=True, context=prepare_checked(space))
+
+
+def prepare_checked(space: Space) -> Any:
+    """Data and teachers, then a check that some student meets the constraints: before any store or run exists."""
+    from kdsearch.trainers.trial import prepare
+
+    log.info("preparing data and teacher (once for all trials)...")
+    context = prepare(space)
+    log.info(f"teacher {context.targets.description}: val_acc {context.targets.val_acc:.4f}")
+    check_satisfiable(space, context)
+    return context
+
+
+def check_satisfiable(space: Space, context: Any, samples: int = 200) -> None:
+    """At least one of ``samples`` random students meets the size constraints (else every sample is rejected)."""
+    check = ConstraintCheck(space, context.data.input_shape, context.data.num_classes)
+    if not check.limits:
+        return
+    first = None
+    for seed in range(samples):
+        reason = check(space.sample_random(seed))
+        if reason is None:
+            return
+        first = first or reason
+    raise UserError(f"constraints: none of {samples} random students of the space meets them (e.g. {first}); "
+                    "fix: relax the constraints or allow smaller students")
 
 
 def _drive(space: Space, options: SearchOptions, mlflow_client, exp_id: str, parent_id: str, path: str,
-           restore: bool) -> SearchResult:
+           restore: bool, context: Any) -> SearchResult:
     import ray
     from ray import tune
 
@@ -349,11 +376,6 @@ def _drive(space: Space, options: SearchOptions, mlflow_client, exp_id: str, par
     from kdsearch.search.recorder import SearchRecorder, is_final
     from kdsearch.search.searchers import KDSearch, make_sampler
     from kdsearch.search.tracking import ui_link
-    from kdsearch.trainers.trial import prepare
-
-    log.info("preparing data and teacher (once for all trials)...")
-    context = prepare(space)
-    log.info(f"teacher {context.targets.description}: val_acc {context.targets.val_acc:.4f}")
 
     started_ray = start_ray(options.address)
     try:
