@@ -186,9 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("space", nargs="?", help="space file (default: the built-in digits space)")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("list", help="list the registered families, losses, quantizers, pruners and sources")
-    p.add_argument("kind", nargs="?", choices=("families", "losses", "quantizers", "pruners", "sources"),
-                   help="one kind of entry (default: all)")
+    from kdsearch.spaces.registry import REGISTRIES  # no torch: the built-ins load on first lookup
+
+    p = sub.add_parser("list", help="list the registered " + ", ".join(REGISTRIES))
+    p.add_argument("kind", nargs="?", choices=tuple(REGISTRIES), help="one kind of entry (default: all)")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("trial", help="run one distillation trial")

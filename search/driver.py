@@ -228,7 +228,7 @@ def start_ray(address: Optional[str]) -> bool:
 RESUME_FILE = "kdsearch.json"
 
 
-def check_local_resources(options: SearchOptions) -> None:
+def check_resources(options: SearchOptions) -> None:
     """A search on this machine (no ``--address``) must fit it: Ray would wait forever for a GPU it lacks.
     A cluster's address must answer: ``ray.init`` would wait minutes for one that does not."""
     if options.address:
@@ -291,7 +291,7 @@ def run_search(space: "Space | str | Path | Mapping[str, Any] | None" = None, *,
     space = as_space(space)
     options = SearchOptions.parse({**(options.model_dump(exclude_unset=True) if options else {}), **values})
     check_objectives(space)
-    check_local_resources(options)  # before any store, run or Ray session exists
+    check_resources(options)  # before any store, run or Ray session exists
     context = prepare_checked(space)
     mlflow_client = client(options.tracking_uri)
     exp_id = experiment_id(mlflow_client, options.experiment, create=True)

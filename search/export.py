@@ -598,12 +598,11 @@ def _download(c: Any, run_id: str, artifact: str, folder: Path, what: str) -> Pa
 
 def load_logged_space(c: Any, parent_id: str, folder: Path) -> Any:
     """The space the search ran, from its ``space.yaml`` artifact."""
-    import yaml
-
     from kdsearch.spaces import parse_space
+    from kdsearch.spaces.schema import read_yaml
 
     text = _download(c, parent_id, "space.yaml", folder, "the search's space").read_text()
-    return parse_space(yaml.safe_load(text), text=text)
+    return parse_space(read_yaml(text, "space.yaml"), text=text)
 
 
 def _row_metrics(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -46,8 +46,8 @@ class SearchOptions(BaseModel):
     storage: Optional[str] = Field(None, description="Ray Tune storage (default: ray_results beside a sqlite tracking "
                                                      "store, else ~/ray_results); shared on a cluster")
     seed: int = Field(0, description="seed of the sampler and of every trial")
-    searcher: Literal["nsga2", "tpe", "random"] = Field("nsga2", description="Optuna sampler")
-    scheduler: Literal["pareto-asha", "asha", "none"] = Field("pareto-asha", description="early stopping")
+    searcher: Literal[SEARCHERS] = Field("nsga2", description="Optuna sampler")  # type: ignore[valid-type]
+    scheduler: Literal[SCHEDULERS] = Field("pareto-asha", description="early stopping")  # type: ignore[valid-type]
     max_failures: int = Field(3, ge=0, description="retries of a trial whose worker died")
     epochs: Optional[int] = Field(None, ge=1, description="override the space's distillation epochs")
     # rungs at 1/6, 2/3, 8/3 and 32/3 epochs: a student stopped at the first costs a sixth of an

@@ -17,9 +17,8 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from kdsearch.search.options import SEARCHERS
 from kdsearch.spaces import Space
-
-SAMPLERS = ("nsga2", "tpe", "random")
 
 #: a feasibility check: None when a configuration is fine, else the reason it is not
 Feasibility = Callable[[dict[str, Any]], Optional[str]]
@@ -38,7 +37,7 @@ def make_sampler(name: str, seed: int, num_samples: int) -> optuna.samplers.Base
                                               n_startup_trials=max(4, min(10, num_samples // 5)))
         if name == "random":
             return optuna.samplers.RandomSampler(seed=seed)
-    raise ValueError(f"--searcher {name}: unknown; fix: use one of {', '.join(SAMPLERS)}")
+    raise ValueError(f"--searcher {name}: unknown; fix: use one of {', '.join(SEARCHERS)}")
 
 
 class KDSearch(OptunaSearch):

@@ -114,9 +114,9 @@ class DataBundle:
 
     def fill_value(self) -> Optional[torch.Tensor]:
         """What a raw 0 (a black pixel) becomes after preprocessing, per channel: the border of a padded crop."""
-        if self.mean is None or self.std is None or len(self.input_shape) != 3:
+        if self.mean is None or len(self.input_shape) != 3:
             return None
-        return ((0.0 - torch.as_tensor(self.mean)) / torch.as_tensor(self.std)).reshape(-1, 1, 1).float()
+        return self.standardize()(torch.zeros(1, self.input_shape[0], 1, 1))[0]
 
     def raw_validation(self) -> Dataset:
         """The validation set as ``data.source`` gives it: what a deployable model takes."""

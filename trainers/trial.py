@@ -68,9 +68,7 @@ class TrialContext:
 
 def hints_possible(space: Space) -> bool:
     """Whether any point of the space asks for feature hints (so stage outputs must be cached)."""
-    knob = space.sections.get("distill", {}).get("hint_stages", Fixed("none"))
-    values = knob.values if isinstance(knob, Choice) else (knob.value,) if isinstance(knob, Fixed) else ()
-    return any(v != "none" for v in values)
+    return any(v != "none" for v in knob_values(space, "distill.hint_stages", "none"))
 
 
 def knob_values(space: Space, name: str, default: Any) -> tuple[Any, ...]:
@@ -158,7 +156,7 @@ class _Distiller:
             was = self.student.training
             _, features = self.student.eval().forward_stages(example)
             self.student.train(was)
-        hint = self.context.teachers[min(self.config.distill.hint_teacher, len(self.context.teachers) - 1)]
+        hint = self.context.teachers[self.config.distill.hint_teacher]  # in range: Teaching checked it
         return build_distill_loss(self.config.distill, [f.shape for f in features], hint.feature_shapes).to(self.device)
 
     def step_loss(self, idx: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
