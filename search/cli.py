@@ -12,6 +12,7 @@ import sys
 from typing import Any, Optional
 
 from kdsearch.spaces import PinnedSuggester, RandomSuggester, Space, load_space
+from kdsearch.search.interrupts import exit_code, install_cli_handlers
 from kdsearch.spaces.errors import KdsearchError, TrialDiverged, UserError
 
 EXIT_USAGE = 2
@@ -133,17 +134,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kdsearch.search.options import SearchOptions
 
     options = SearchOptions.parse({k: getattr(args, k) for k in SearchOptions.model_fields if getattr(args, k, None) is not None})
-    result = run_search(args.space, options=options)
-    _print_front(result.tracking_uri, result.parent_run_id)
-    return 0
+    return _ended(run_search(args.space, options=options))
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from kdsearch.search.driver import resume_search
 
-    result = resume_search(args.path)
+    return _ended(resume_search(args.path))
+
+
+def _ended(result: Any) -> int:
+    """Print the front; an interrupted search also says how to finish it and exits 130 (SIGINT) or 143 (SIGTERM)."""
+    import signal
+
     _print_front(result.tracking_uri, result.parent_run_id)
-    return 0
+    if not result.partial:
+        return 0
+    _echo(f"kdsearch: interrupted ({result.interrupted}): the front above is partial; trials in flight are marked "
+          f"interrupted. Finish the search with: kdsearch resume {result.tune_path}")
+    return 128 + signal.Signals[result.interrupted].value
 
 
 def _print_front(tracking_uri: str, run_id: str) -> None:
@@ -164,8 +173,9 @@ def cmd_pareto(args: argparse.Namespace, c: Any = None) -> int:
     if args.json:
         print(json.dumps(payload, indent=2))
     else:
-        print(f"search {parent.info.run_name} ({parent.info.run_id}): {len(payload['front'])} students on the front, "
-              f"hypervolume {payload['hypervolume']:.4f} of the reference box")
+        partial = " so far (interrupted: `kdsearch resume` finishes it)" if payload.get("partial") else ""
+        print(f"search {parent.info.run_name} ({parent.info.run_id}): {len(payload['front'])} students on the front"
+              f"{partial}, hypervolume {payload['hypervolume']:.4f} of the reference box")
         print(front_table(payload["front"], payload["objectives"]))
     return 0
 
@@ -299,14 +309,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet(args.verbose)
+    install_cli_handlers()
     try:
         return args.func(args)
     except KdsearchError as exc:
         print(f"kdsearch: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM as Interrupted, outside a search's trial loop
         print("kdsearch: interrupted", file=sys.stderr)
-        return 130
+        return exit_code(exc)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ the Ray object store; trials report to Tune; the driver alone talks to MLflow.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -286,7 +287,7 @@ def run_search(space: "Space | str | Path | Mapping[str, Any] | None" = None, *,
     """
     from mlflow.entities import Param
 
-    from kdsearch.search.tracking import ROLE_TAG, client, experiment_id
+    from kdsearch.search.tracking import ROLE_TAG, SPACE_TAG, client, experiment_id
 
     space = as_space(space)
     options = SearchOptions.parse({**(options.model_dump(exclude_unset=True) if options else {}), **values})
@@ -299,7 +300,10 @@ def run_search(space: "Space | str | Path | Mapping[str, Any] | None" = None, *,
     storage = options.storage or default_storage(options.tracking_uri)
     storage = storage if "://" in storage else str(Path(storage).resolve())
     path = f"{storage}/{name}"
-    parent = mlflow_client.create_run(exp_id, run_name=name, tags={ROLE_TAG: "search", "kdsearch.tune_path": path})
+    space_sha = hashlib.sha256(space.text.encode()).hexdigest()
+    warn_repeated_seed(mlflow_client, exp_id, space_sha, options.seed)
+    parent = mlflow_client.create_run(exp_id, run_name=name, tags={ROLE_TAG: "search", "kdsearch.tune_path": path,
+                                                                   SPACE_TAG: space_sha})
     parent_id = parent.info.run_id
     params = {k: v for k, v in options.model_dump().items() if v is not None}
     mlflow_client.log_batch(parent_id, params=[Param(k, str(v)) for k, v in params.items()])
@@ -313,6 +317,18 @@ def run_search(space: "Space | str | Path | Mapping[str, Any] | None" = None, *,
              f"{options.max_concurrent} at a time")
     log.info(f"tune folder {path} (resume with: kdsearch resume {path})")
     return _drive(space, options, mlflow_client, exp_id, parent_id, path, restore=False, context=context)
+
+
+def warn_repeated_seed(mlflow_client, exp_id: str, space_sha: str, seed: int) -> None:
+    """Say so when an earlier search of this experiment ran the same space with the same seed:
+    its searcher draws the same configurations in the same order."""
+    from kdsearch.search.tracking import ROLE_TAG, SPACE_TAG
+
+    earlier = mlflow_client.search_runs([exp_id], filter_string=f"tags.`{ROLE_TAG}` = 'search' and "
+                                        f"tags.`{SPACE_TAG}` = '{space_sha}' and params.seed = '{seed}'", max_results=1)
+    if earlier:
+        log.warning(f"search {earlier[0].info.run_name} ran this space with seed {seed} already: the same "
+                    "configurations come again; pass --seed N for new ones")
 
 
 def resume_search(path: str | Path) -> SearchResult:
@@ -334,9 +350,11 @@ def resume_search(path: str | Path) -> SearchResult:
         raise UserError(f"{meta_file}: not a kdsearch resume file ({type(exc).__name__}: {str(exc)[:80]}); "
                         "fix: pass the tune folder `kdsearch run` printed, or start the search again") from None
     space = parse_space(read_yaml(text, str(meta_file)), source, text)
+    context = prepare_checked(space)
     mlflow_client = client(options.tracking_uri)
     log.info(f"resuming search {options.name} from {path}")
-    return _drive(space, options, mlflow_client, exp_id, parent_id, str(path), restore=True, context=prepare_checked(space))
+    mlflow_client.update_run(parent_id, status="RUNNING")  # KILLED by an interrupt, or RUNNING after a crash
+    return _drive(space, options, mlflow_client, exp_id, parent_id, str(path), restore=True, context=context)
 
 
 def prepare_checked(space: Space) -> Any:
@@ -375,10 +393,12 @@ def _drive(space: Space, options: SearchOptions, mlflow_client, exp_id: str, par
     from kdsearch.search.pareto import reference_point
     from kdsearch.search.recorder import SearchRecorder, is_final
     from kdsearch.search.searchers import KDSearch, make_sampler
-    from kdsearch.search.tracking import ui_link
+    from kdsearch.search.interrupts import sigterm_as_sigint
+    from kdsearch.search.tracking import PARTIAL_TAG, ui_link
 
-    started_ray = start_ray(options.address)
+    started_ray = False
     try:
+        started_ray = start_ray(options.address)
         max_t = max_epochs(space, options.epochs)
         reference = reference_point(space.objectives, space.reference_point, space.constraints, context.targets.footprint)
         recorder = SearchRecorder(mlflow_client, exp_id, parent_id, space.objectives, reference, options.num_samples)
@@ -411,11 +431,27 @@ def _drive(space: Space, options: SearchOptions, mlflow_client, exp_id: str, par
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 ),
             )
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), sigterm_as_sigint() as signals:
             warnings.simplefilter("ignore")
             results = tuner.fit()
         recorder.adopt(results)  # trials that ended before a resume
-        result = finalize.finish(space, context, recorder, mlflow_client, parent_id, options.log_models)
+        # Tune returns from fit on SIGINT (or our SIGTERM) with trials still in flight; it stops
+        # running trials itself only when the search is done (budget or samples)
+        stopped_by = signals.name or ("SIGINT" if recorder.running else None)
+        if stopped_by:
+            interrupted = recorder.interrupt()
+            log.info(f"{stopped_by}: stopped; {len(interrupted)} trials in flight ({', '.join(interrupted) or 'none'}) "
+                     "end as interrupted, the front so far is marked partial")
+        mlflow_client.set_tag(parent_id, PARTIAL_TAG, str(bool(stopped_by)).lower())
+        result = finalize.finish(space, context, recorder, mlflow_client, parent_id, options.log_models,
+                                 partial=bool(stopped_by))
+    except BaseException as exc:
+        # a search that did not finish is never left RUNNING: Ctrl-C outside Tune's loop is KILLED
+        # (resumable), anything else FAILED
+        mlflow_client.set_terminated(parent_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        if isinstance(exc, KeyboardInterrupt):
+            log.info(f"interrupted; resume with: kdsearch resume {path}")
+        raise
     finally:
         if started_ray:
             ray.shutdown()
@@ -424,10 +460,12 @@ def _drive(space: Space, options: SearchOptions, mlflow_client, exp_id: str, par
                 ray.kill(measurer)
         if "recorder" in locals():
             shutil.rmtree(recorder.students_dir, ignore_errors=True)
-    mlflow_client.set_terminated(parent_id, "FINISHED")
+    mlflow_client.set_terminated(parent_id, "KILLED" if stopped_by else "FINISHED")
+    if stopped_by:
+        log.info(f"resume with: kdsearch resume {path}")
     log.info(f"MLflow: {options.tracking_uri}, experiment {options.experiment!r}, run {parent_id}")
     log.info(f"open it: kdsearch ui --tracking-uri {options.tracking_uri}  then  {ui_link('http://127.0.0.1:5000', exp_id)}")
     return SearchResult(exp_id, options.experiment, parent_id, options.tracking_uri, dict(space.objectives),
                         result["reference"], result["hypervolume"], rows_frame(result["front"], space.objectives),
                         rows_frame(list(recorder.rows.values()), space.objectives), path, recorder.counts(),
-                        result["teacher_passes"])
+                        result["teacher_passes"], interrupted=stopped_by)

@@ -65,13 +65,17 @@ def log_front_models(space: Space, context: Any, recorder: SearchRecorder, front
 
 
 def finish(space: Space, context: Any, recorder: SearchRecorder, mlflow_client, parent_id: str,
-           log_models: bool = True) -> dict[str, Any]:
+           log_models: bool = True, partial: bool = False) -> dict[str, Any]:
     """Final front, hypervolume and artifacts (pareto_front.json, pareto.html, pareto.png, trials.csv).
 
     ``hypervolume`` is the front's share of the reference box (0..1) after the quiet-phase
     latency; the in-search figure is ``hypervolume_search``, one step per complete trial.
+    A ``partial`` front (the search was interrupted) is the front so far, marked so, with the
+    in-search latency and no models: the user is waiting for the prompt, and a resume
+    finishes it properly.
     """
-    remeasure_latency(space, context, recorder, mlflow_client)
+    if not partial:
+        remeasure_latency(space, context, recorder, mlflow_client)
     rows = recorder.complete_rows()
     objectives = space.objectives
     reference = recorder.reference
@@ -87,6 +91,7 @@ def finish(space: Space, context: Any, recorder: SearchRecorder, mlflow_client, 
     teacher = {**context.targets.footprint, "val_acc": context.targets.val_acc,
                "description": context.targets.description}
     payload = {
+        "partial": partial,
         "objectives": objectives,
         "reference_point": reference,
         "hypervolume": volume,
@@ -103,8 +108,9 @@ def finish(space: Space, context: Any, recorder: SearchRecorder, mlflow_client, 
                         write_plot_png(rows, front_ids, objectives, folder / "pareto.png", teacher)]
                        if rows and len(objectives) > 1 else [])):
             mlflow_client.log_artifact(parent_id, str(path))
-    if front and log_models:
+    if front and log_models and not partial:
         log.info(f"logging {len(front)} front students as MLflow models...")
         log_front_models(space, context, recorder, front)
-    log.info(f"Pareto front: {len(front)} of {len(rows)} complete trials; hypervolume {volume:.4f} of the reference box")
+    log.info(f"Pareto front{' so far' if partial else ''}: {len(front)} of {len(rows)} complete trials; "
+             f"hypervolume {volume:.4f} of the reference box")
     return {"front": payload["front"], "rows": rows, "hypervolume": volume, "reference": reference, "teacher_passes": passes}

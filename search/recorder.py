@@ -18,6 +18,7 @@ from kdsearch.search.tracking import NAME_TAG, PARENT_TAG, STATUS_TAG, TRIAL_TAG
 log = logging.getLogger("kdsearch")
 
 COMPLETE, PRUNED, FAILED = "complete", "pruned", "failed"
+INTERRUPTED = "interrupted"  # in flight at SIGINT or SIGTERM: KILLED in MLflow, off the front, resumable
 #: Tune's own result keys, not worth a metric history each
 TUNE_BOOKKEEPING = ("time_this_iter_s", "time_total_s", "timestamp", "pid", "training_iteration", "iterations_since_restore")
 
@@ -42,12 +43,16 @@ class SearchRecorder(tune.Callback):
         self.students_dir = tempfile.mkdtemp(prefix="kdsearch-students-")
         self.hypervolume = 0.0
         self.started = time.monotonic()
-        self.rejected: Callable[[], int] = lambda: 0  # configurations refused before launch (constraints)
-        for run in trial_runs(mlflow_client, mlflow_client.get_run(parent_run_id)):  # a resumed search
+        self.rejected: Callable[[], int] = lambda: 0  # configurations refused before launch (constraints, repeats)
+        self.unfinished: set[str] = set()  # a resumed search's runs that were in flight when it stopped
+        runs = sorted(trial_runs(mlflow_client, mlflow_client.get_run(parent_run_id)), key=lambda r: r.info.start_time)
+        for run in runs:  # a resumed search: its trials keep their runs and names, new ones count on
             trial_id = run.data.tags.get(TRIAL_TAG)
             if trial_id:
                 self.run_ids[trial_id] = run.info.run_id
                 self.names[trial_id] = run.data.tags.get(NAME_TAG, run.info.run_name)
+                if run.info.status in ("RUNNING", "KILLED"):
+                    self.unfinished.add(trial_id)
 
     # ---- MLflow runs --------------------------------------------------------------
 
@@ -63,8 +68,25 @@ class SearchRecorder(tune.Callback):
         return self.run_ids[trial_id]
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
-        self._run_for(trial.trial_id, trial.config)
+        run_id = self._run_for(trial.trial_id, trial.config)
+        if trial.trial_id in self.unfinished:  # interrupted before: the same run goes on
+            self.unfinished.discard(trial.trial_id)
+            self.client.update_run(run_id, status="RUNNING", name=self.name(trial.trial_id))
+            self.client.set_tag(run_id, STATUS_TAG, "running")
         self.running.add(trial.trial_id)
+
+    def interrupt(self) -> list[str]:
+        """The trials in flight when the search stopped on a signal: KILLED, tagged interrupted, never
+        on the front; ``kdsearch resume`` continues each in its own run. Returns their names."""
+        names = []
+        for trial_id in sorted(self.running, key=self.name):
+            run_id = self.run_ids[trial_id]
+            self.client.set_tag(run_id, STATUS_TAG, INTERRUPTED)
+            self.client.set_tag(run_id, "mlflow.runName", f"{self.name(trial_id)} ({INTERRUPTED})")
+            self.client.set_terminated(run_id, "KILLED")
+            names.append(self.name(trial_id))
+        self.running.clear()
+        return names
 
     def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
         self.running.discard(trial.trial_id)
@@ -89,8 +111,8 @@ class SearchRecorder(tune.Callback):
         """Record trials from a Tune ResultGrid that ended before this recorder saw them (a resume)."""
         for result in results:
             trial_id = (result.metrics or {}).get("trial_id")
-            if not trial_id or trial_id in self.rows or result.config is None:
-                continue  # seen already, or created but never started (a budget stop)
+            if not trial_id or trial_id in self.rows or trial_id in self.running or result.config is None:
+                continue  # seen already, in flight at an interrupt, or created but never started (a budget stop)
             status = FAILED if result.error or (result.metrics or {}).get("diverged") else COMPLETE if is_final(result.metrics) else PRUNED
             self._finish(trial_id, result.config, result.checkpoint, status, result.metrics or {},
                          error=str(result.error or ""), quiet=True)

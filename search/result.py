@@ -40,7 +40,7 @@ def rows_frame(rows: Sequence[Mapping[str, Any]], objectives: Mapping[str, str])
 
 @dataclass
 class SearchResult:
-    """A finished search.
+    """A finished (or interrupted) search.
 
     ``front`` and ``trials`` are DataFrames (one row per trial: status, objectives, figures
     and knobs); ``hypervolume`` is the front's share of the reference box, 0..1. The same
@@ -59,6 +59,12 @@ class SearchResult:
     tune_path: str
     counts: dict[str, int] = field(default_factory=dict)
     teacher_passes: int = 0  # teacher forward passes (samples x teachers) the search made, preparing included
+    interrupted: Optional[str] = None  # "SIGINT" or "SIGTERM" when the search stopped early: a partial front
+
+    @property
+    def partial(self) -> bool:
+        """The search was interrupted: ``front`` is the front so far; ``kdsearch resume tune_path`` finishes it."""
+        return self.interrupted is not None
 
     def export(self, *, max_latency_ms: Optional[float] = None, max_params: Optional[int] = None,
                max_size_bytes: Optional[int] = None, out: str | Path = "exports",

@@ -9,16 +9,20 @@ and never takes a worker.
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from typing import Any, Callable, Optional
 
 import optuna
 from optuna.trial import TrialState
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from kdsearch.search.options import SEARCHERS
 from kdsearch.spaces import Space
+
+log = logging.getLogger("kdsearch")
 
 #: a feasibility check: None when a configuration is fine, else the reason it is not
 Feasibility = Callable[[dict[str, Any]], Optional[str]]
@@ -40,6 +44,18 @@ def make_sampler(name: str, seed: int, num_samples: int) -> optuna.samplers.Base
     raise ValueError(f"--searcher {name}: unknown; fix: use one of {', '.join(SEARCHERS)}")
 
 
+#: proposals in a row that repeat a configuration already run: the space is exhausted
+MAX_REPEATS = 100
+
+
+def config_key(space: Space, params: dict[str, Any]) -> str:
+    """A configuration as the trial resolves it (typed knobs, defaults filled): equal keys train the same student."""
+    config = space.resolve(params)
+    sections = {"family": config.family, "student": config.student,
+                **{name: getattr(config, name).model_dump() for name in ("distill", "train", "augment", "compress")}}
+    return json.dumps(sections, sort_keys=True, default=str)
+
+
 class KDSearch(OptunaSearch):
     """``OptunaSearch`` over a space's define-by-run sampler, aware of early stopping and constraints."""
 
@@ -51,18 +67,31 @@ class KDSearch(OptunaSearch):
         self._is_final = is_final
         self._feasibility = feasibility
         self._max_rejections = max_rejections
+        self._kdsearch_space = space
+        self._seen: dict[str, str] = {}  # resolved configuration -> the trial that ran it
         self.rejected: list[tuple[dict[str, Any], str]] = []
 
     def suggest(self, trial_id: str) -> Optional[dict]:
+        repeats = 0
         for _ in range(self._max_rejections):
             config = super().suggest(trial_id)
-            reason = self._feasibility(config) if self._feasibility and config else None
+            if not isinstance(config, dict):
+                return config  # None (wait) or Searcher.FINISHED
+            key = config_key(self._kdsearch_space, config)
+            earlier = self._seen.get(key)
+            reason = f"repeats trial {earlier}" if earlier else self._feasibility(config) if self._feasibility else None
             if reason is None:
+                self._seen[key] = trial_id
                 return config
+            repeats = repeats + 1 if earlier else 0
             self.rejected.append((config, reason))
             ot_trial = self._ot_trials.pop(trial_id)
             ot_trial.set_user_attr("rejected", reason)
             self._ot_study.tell(ot_trial, state=TrialState.FAIL)
+            if repeats >= MAX_REPEATS:
+                log.info(f"the searcher proposed {repeats} configurations this search has run already: the space "
+                         f"holds no new one it finds ({len(self._seen)} run); ending the search")
+                return Searcher.FINISHED
         raise RuntimeError(f"no configuration within the constraints after {self._max_rejections} samples; "
                            "fix: relax constraints or narrow the space")
 

@@ -25,6 +25,8 @@ TRIAL_TAG = "kdsearch.trial_id"
 STATUS_TAG = "kdsearch.status"
 NAME_TAG = "kdsearch.trial"  # the trial's name without the status the run name may carry
 PARENT_TAG = "mlflow.parentRunId"
+PARTIAL_TAG = "kdsearch.partial"  # "true" on a search that was interrupted: its front is the front so far
+SPACE_TAG = "kdsearch.space_sha256"  # the space file's hash: a search repeated with the same seed is told so
 
 
 def quiet_mlflow() -> None:

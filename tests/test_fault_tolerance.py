@@ -449,3 +449,80 @@ def test_killed_driver_resumes_into_the_same_mlflow_search(tmp_path, space_file,
         history = steps[by_trial[trial_id].info.run_id]
         assert sorted(history) == list(range(1, max(history) + 1)), (trial_id, history)
     check_front(c, parent, runs)
+
+
+# --------------------------------------------------------------------------- 3: Ctrl-C, then resume
+
+
+def optuna_states(tune_folder: str) -> list[str]:
+    """The states of the Optuna trials in the newest searcher state Tune saved."""
+    import pickle
+
+    newest = sorted(Path(tune_folder).glob("searcher-state-*.pkl"))[-1]
+    with open(newest, "rb") as f:
+        state = pickle.load(f)  # written by this test's own search
+    return [t.state.name for t in state["_ot_study"].trials]
+
+
+@linux_only
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("signum", [signal.SIGINT], ids=["ctrl-c"])
+def test_interrupted_search_says_so_and_resumes_into_the_same_parent_run(tmp_path, space_file, teacher_cache, signum):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) on a 4-trial search once a
+    trial completed: exit 130, the parent run KILLED with its front so far marked partial, the
+    trials in flight KILLED and interrupted (not on the front, not PRUNED in Optuna); `kdsearch
+    resume` then finishes every trial in the same parent run, numbering on from trial-004."""
+    from kdsearch.search.tracking import NAME_TAG, PARTIAL_TAG, STATUS_TAG, read_artifact_json
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    env["KDSEARCH_CACHE_DIR"] = str(teacher_cache)
+    env["TUNE_GLOBAL_CHECKPOINT_S"] = "1"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "kdsearch.search.cli", "run", str(space_file), "--num-samples", "4", "--max-concurrent", "2",
+         "--epochs", str(EPOCHS), "--scheduler", "none", "--tracking-uri", uri, "--experiment", "interrupt",
+         "--storage", str(tmp_path / "ray")],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    stderr = Stderr(run)
+    try:
+        deadline = time.time() + 240
+        while stderr.done() < 1:
+            assert run.poll() is None, f"the search ended before the interrupt\n{stderr.text()}"
+            assert time.time() < deadline, f"no trial completed\n{stderr.text()}"
+            time.sleep(0.2)
+        note(f"sending {signal.Signals(signum).name} to the search's process group")
+        os.killpg(run.pid, signum)
+        out, _ = run.communicate(timeout=120)
+        assert run.returncode == 128 + signum, stderr.text()
+        folder = stderr.tune_folder()
+        assert f"kdsearch resume {folder}" in stderr.text()
+        assert "students on the front so far (interrupted" in out
+        assert "Traceback" not in stderr.text()
+        c, parent, runs, _ = logged_search(uri, "interrupt")
+        assert parent.info.status == "KILLED" and parent.data.tags[PARTIAL_TAG] == "true"
+        statuses = {r.data.tags[NAME_TAG]: (r.info.status, r.data.tags[STATUS_TAG]) for r in runs}
+        interrupted = {name for name, (status, tag) in statuses.items() if tag == "interrupted"}
+        assert interrupted and all(statuses[n][0] == "KILLED" for n in interrupted), statuses
+        payload = read_artifact_json(c, parent.info.run_id, "pareto_front.json")
+        assert payload["partial"] is True and not {r["trial"] for r in payload["front"]} & interrupted
+        assert "PRUNED" not in optuna_states(folder) and "RUNNING" in optuna_states(folder)
+        ended = time.time()
+        while ray_core_left(run.pid):  # ray.shutdown() stops them; give them a moment to exit
+            assert time.time() < ended + 30, f"Ray outlived the interrupted driver: {ray_core_left(run.pid)}"
+            time.sleep(0.2)
+
+        resume = subprocess.run([sys.executable, "-m", "kdsearch.search.cli", "resume", folder], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=360)
+        assert resume.returncode == 0, resume.stderr[-6000:]
+    finally:
+        kill_session(run.pid)
+
+    c, parent, runs, steps = logged_search(uri, "interrupt")
+    assert parent.info.status == "FINISHED" and parent.data.tags[PARTIAL_TAG] == "false"
+    trials = read_state(folder)
+    assert len(trials) == 4 and {t["status"] for t in trials.values()} == {"TERMINATED"}, trials
+    check_one_run_per_trial(runs, list(trials))
+    assert sorted(r.data.tags[NAME_TAG] for r in runs) == [f"trial-{i:03d}" for i in range(1, 5)]
+    assert read_artifact_json(c, parent.info.run_id, "pareto_front.json")["partial"] is False
+    check_front(c, parent, runs)

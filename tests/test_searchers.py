@@ -77,3 +77,36 @@ def test_trials_report_at_the_rungs_inside_an_epoch():
     assert report_points("asha", 11, 0.25, 3) == pytest.approx([0.25, 0.75, 2.25, 6.75])
     assert report_points("pareto-asha", 11, 1, 3) == []
     assert report_points("none", 11, 1 / 3, 3) == []  # nothing judges them
+
+
+def test_a_search_never_runs_the_same_configuration_twice_and_ends_when_the_space_is_exhausted():
+    from ray.tune.search import Searcher
+
+    from kdsearch.search.searchers import config_key
+
+    space = parse_space({"teacher": {"family": "mlp"}, "students": {"mlp": {"width": {"choice": [8, 16, 32]}}},
+                         "train": {"lr": {"choice": [0.01, 0.1]}}})  # six configurations in all
+    searcher = KDSearch(space, make_sampler("random", 0, 20), is_final)
+    configs = [searcher.suggest(f"t{i}") for i in range(7)]
+    ran, last = configs[:-1], configs[-1]
+    assert len({config_key(space, c) for c in ran if isinstance(c, dict)}) == len(ran) == 6
+    assert last == Searcher.FINISHED  # a seventh would repeat one
+    assert all(reason.startswith("repeats trial t") for _, reason in searcher.rejected)
+
+
+def test_a_search_repeating_an_earlier_space_and_seed_says_so(tmp_path, caplog):
+    from mlflow.entities import Param
+
+    from kdsearch.search.driver import warn_repeated_seed
+    from kdsearch.search.tracking import ROLE_TAG, SPACE_TAG, client, experiment_id
+
+    c = client(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = experiment_id(c, "seeds", create=True)
+    earlier = c.create_run(exp, run_name="digits-earlier", tags={ROLE_TAG: "search", SPACE_TAG: "abc"})
+    c.log_batch(earlier.info.run_id, params=[Param("seed", "0")])
+    with caplog.at_level("WARNING", logger="kdsearch"):
+        warn_repeated_seed(c, exp, "abc", 1)  # another seed: new configurations
+        warn_repeated_seed(c, exp, "other", 0)  # another space
+        assert not caplog.records
+        warn_repeated_seed(c, exp, "abc", 0)
+    assert "digits-earlier ran this space with seed 0 already" in caplog.text and "--seed" in caplog.text
