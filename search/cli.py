@@ -166,8 +166,9 @@ def _print_front(tracking_uri: str, run_id: str) -> None:
 def cmd_pareto(args: argparse.Namespace, c: Any = None) -> int:
     from kdsearch.search.report import front_table
     from kdsearch.search.tracking import client, latest_search_run, read_artifact_json
+    from kdsearch.search.ui import require_store
 
-    c = c or client(args.tracking_uri)
+    c = c or client(require_store(args.tracking_uri))
     parent = latest_search_run(c, args.experiment, args.run_id)
     payload = read_artifact_json(c, parent.info.run_id, "pareto_front.json")
     if args.json:

@@ -66,6 +66,14 @@ class SearchOptions(BaseModel):
             raise ValueError("use letters, digits, '.', '_' and '-' only (it names a folder)")
         return value
 
+    @field_validator("tracking_uri")
+    @classmethod
+    def _store_folder_exists(cls, value: str) -> str:
+        folder = store_folder(value)
+        if folder is not None and not folder.is_dir():  # sqlite would make the file, Tune and MLflow the folders
+            raise ValueError(f"its folder {folder} does not exist (create it, or pick a store in an existing folder)")
+        return value
+
     @classmethod
     def parse(cls, values: Mapping[str, Any]) -> "SearchOptions":
         """Options from keyword values, with one-line errors that name the option."""

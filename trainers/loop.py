@@ -57,7 +57,7 @@ def train_epoch(modules: nn.Module, dataset: Dataset, batch_size: int, seed: int
                             and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
             loss = step_loss(idx, x, y)
         if not torch.isfinite(loss):
-            raise TrialDiverged(f"diverged: loss became {loss.item()} in epoch {epoch + 1}")
+            raise TrialDiverged(f"diverged: loss became {loss.item()} at step {step} of epoch {epoch + 1}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
