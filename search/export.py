@@ -707,7 +707,7 @@ def export_student(run_id: Optional[str] = None, *, tracking_uri: str = DEFAULT_
     limits = Limits(max_latency_ms, max_params, max_size_bytes).validate()
 
     c = client(require_store(tracking_uri))
-    parent = latest_search_run(c, experiment, run_id)
+    parent = latest_search_run(c, experiment, run_id, finished=True)
     parent_id = parent.info.run_id
     payload = read_artifact_json(c, parent_id, "pareto_front.json")
     front = payload.get("front", [])

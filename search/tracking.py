@@ -20,6 +20,8 @@ from typing import Any, Iterable, Mapping, Optional
 from kdsearch.search.options import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, store_folder  # noqa: F401
 from kdsearch.spaces.errors import TrackingError
 
+log = logging.getLogger("kdsearch")
+
 ROLE_TAG = "kdsearch.role"
 TRIAL_TAG = "kdsearch.trial_id"
 STATUS_TAG = "kdsearch.status"
@@ -113,19 +115,36 @@ def log_json(c, run_id: str, name: str, payload: Any) -> None:
     c.log_text(run_id, json.dumps(payload, indent=2, default=str), name)
 
 
-def latest_search_run(c, experiment: str, run_id: Optional[str] = None):
-    """The given search (parent) run, or the latest one of ``experiment``."""
+def latest_search_run(c, experiment: str, run_id: Optional[str] = None, finished: bool = False):
+    """The given search (parent) run, or the latest one of ``experiment``; with ``finished``, the
+    latest that ran to its end (an interrupted or running search is skipped, and the log says so)."""
     if run_id:
         try:
-            return c.get_run(run_id)
+            run = c.get_run(run_id)
         except Exception:
             raise TrackingError(f"--run-id {run_id}: no such run; fix: copy a run id from `kdsearch pareto`") from None
+        if finished and is_partial(run):
+            log.warning(f"search {run.info.run_name} was interrupted: its front is the front so far "
+                        f"(finish it with: kdsearch resume {run.data.tags.get('kdsearch.tune_path', 'TUNE_FOLDER')})")
+        return run
     exp_id = experiment_id(c, experiment, create=False)
     runs = c.search_runs([exp_id], filter_string=f"tags.`{ROLE_TAG}` = 'search'", order_by=["attributes.start_time DESC"],
-                         max_results=1)
+                         max_results=100 if finished else 1)
     if not runs:
         raise TrackingError(f"--experiment {experiment}: no search has been logged there; fix: run `kdsearch run` first")
-    return runs[0]
+    for run in runs if finished else runs[:1]:
+        if not finished or (run.info.status == "FINISHED" and not is_partial(run)):
+            return run
+        log.info(f"skipping search {run.info.run_name}: "
+                 f"{'interrupted' if run.data.tags.get(PARTIAL_TAG) == 'true' else run.info.status.lower()}")
+    raise TrackingError(f"--experiment {experiment}: no search there ran to its end (the latest, {runs[0].info.run_name}, "
+                        f"is {runs[0].info.status.lower()}); fix: kdsearch resume "
+                        f"{runs[0].data.tags.get('kdsearch.tune_path', 'TUNE_FOLDER')}, or pass --run-id to use its front so far")
+
+
+def is_partial(run) -> bool:
+    """A search interrupted before its end (its front is the front so far)."""
+    return run.data.tags.get(PARTIAL_TAG) == "true" or run.info.status in ("KILLED", "RUNNING")
 
 
 def trial_runs(c, parent) -> Iterable[Any]:

@@ -507,6 +507,11 @@ def test_interrupted_search_says_so_and_resumes_into_the_same_parent_run(tmp_pat
         payload = read_artifact_json(c, parent.info.run_id, "pareto_front.json")
         assert payload["partial"] is True and not {r["trial"] for r in payload["front"]} & interrupted
         assert "PRUNED" not in optuna_states(folder) and "RUNNING" in optuna_states(folder)
+        export = subprocess.run([sys.executable, "-m", "kdsearch.search.cli", "export", "--tracking-uri", uri,
+                                 "--experiment", "interrupt", "--out", str(tmp_path / "exports")], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert export.returncode == 2 and f"kdsearch resume {folder}" in export.stderr, export.stderr
+        assert not (tmp_path / "exports").exists()  # the latest search is skipped: it did not finish
         ended = time.time()
         while ray_core_left(run.pid):  # ray.shutdown() stops them; give them a moment to exit
             assert time.time() < ended + 30, f"Ray outlived the interrupted driver: {ray_core_left(run.pid)}"
