@@ -435,6 +435,7 @@ def _drive(space: Space, options: SearchOptions, mlflow_client, exp_id: str, par
             warnings.simplefilter("ignore")
             results = tuner.fit()
         recorder.adopt(results)  # trials that ended before a resume
+        recorder.flush()
         # Tune returns from fit on SIGINT (or our SIGTERM) with trials still in flight; it stops
         # running trials itself only when the search is done (budget or samples)
         stopped_by = signals.name or ("SIGINT" if recorder.running else None)
@@ -459,6 +460,8 @@ def _drive(space: Space, options: SearchOptions, mlflow_client, exp_id: str, par
             with contextlib.suppress(Exception):
                 ray.kill(measurer)
         if "recorder" in locals():
+            with contextlib.suppress(Exception):
+                recorder.flush()  # what the trials logged reaches the store, whatever happened
             shutil.rmtree(recorder.students_dir, ignore_errors=True)
     mlflow_client.set_terminated(parent_id, "KILLED" if stopped_by else "FINISHED")
     if stopped_by:

@@ -13,7 +13,7 @@ from mlflow.entities import Param
 from ray import tune
 
 from kdsearch.search.pareto import hypervolume_fraction, pareto_front
-from kdsearch.search.tracking import NAME_TAG, PARENT_TAG, STATUS_TAG, TRIAL_TAG, log_metrics, trial_runs
+from kdsearch.search.tracking import NAME_TAG, PARENT_TAG, STATUS_TAG, TRIAL_TAG, flush, log_metrics, trial_runs
 
 log = logging.getLogger("kdsearch")
 
@@ -64,7 +64,8 @@ class SearchRecorder(tune.Callback):
             run = self.client.create_run(self.experiment_id, run_name=self.name(trial_id), tags={
                 PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial_id, NAME_TAG: self.name(trial_id), STATUS_TAG: "running"})
             self.run_ids[trial_id] = run.info.run_id
-            self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:500]) for k, v in config.items()])
+            self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:500]) for k, v in config.items()],
+                                  synchronous=False)
         return self.run_ids[trial_id]
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
@@ -96,7 +97,7 @@ class SearchRecorder(tune.Callback):
         # MLflow steps are integers: the report's number; `epoch` (fractional inside an epoch) is logged beside it
         step = int(result.get("training_iteration", 0))
         log_metrics(self.client, run_id, {k: v for k, v in result.items()
-                                          if k not in TUNE_BOOKKEEPING and not k.startswith("time_since")}, step)
+                                          if k not in TUNE_BOOKKEEPING and not k.startswith("time_since")}, step, synchronous=False)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         result = trial.last_result or {}
@@ -149,6 +150,10 @@ class SearchRecorder(tune.Callback):
                 keep.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(student, keep)
                 self.checkpoints[trial_id] = keep
+
+    def flush(self) -> None:
+        """Everything queued for MLflow is in the store (before the front is read or the search ends)."""
+        flush(self.client)
 
     def complete_rows(self) -> list[dict[str, Any]]:
         return [r for r in self.rows.values() if r["status"] == COMPLETE]

@@ -103,12 +103,19 @@ def flat_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def log_metrics(c, run_id: str, metrics: Mapping[str, Any], step: int = 0) -> None:
-    """The numeric entries of ``metrics`` in one batch."""
+def log_metrics(c, run_id: str, metrics: Mapping[str, Any], step: int = 0, synchronous: bool = True) -> None:
+    """The numeric entries of ``metrics`` in one batch; ``synchronous=False`` queues it on MLflow's
+    own background writer (see :func:`flush`), so a search's driver loop does not wait on the store."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    c.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in flat_metrics(metrics).items()])
+    c.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in flat_metrics(metrics).items()],
+                synchronous=synchronous)
+
+
+def flush(c) -> None:
+    """Wait until everything logged with ``synchronous=False`` through ``c`` is in the store."""
+    c._tracking_client.store.flush_async_logging()  # MlflowClient has no public flush; its store does
 
 
 def log_json(c, run_id: str, name: str, payload: Any) -> None:
