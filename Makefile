@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml constraints.txt
 	@# torch first, pinned: an unpinned torch would pull several GB of CUDA wheels
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt torch
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	@# Syne Tune's MOASHA for tests/test_peers.py needs only dill; its full dependencies (xgboost, NCCL:
+	@# 700 MB) come with '.[bench]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt --no-deps syne-tune
 	touch $(STAMP)
 
 demo: install

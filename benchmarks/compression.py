@@ -88,6 +88,7 @@ def reference_space(epochs: int, finetune_epochs: int) -> Space:
                        "finetune_epochs": finetune_epochs,
                        "quantize": {"choice": ["none", "dynamic_int8", "static_int8"]}, "calib_batches": 8}
     raw.pop("constraints", None)  # the reference CNN is larger than the search's max_params on purpose
+    raw["measure"] = {"runtime": "torch"}  # torch.ao's compression, dynamic int8 included (benchmarks/runtimes.py: ORT)
     return parse_space(raw)
 
 
@@ -129,8 +130,8 @@ def run_model(space: Space, context: TrialContext, model: str, seed: int, epochs
 
     hold: dict[str, Any] = {}
 
-    def grab(m: nn.Module, example: torch.Tensor, artifact: Path) -> Latency:
-        hold["model"], hold["example"] = m, example
+    def grab(deployed: Any, example: torch.Tensor, batch_size: int) -> Latency:
+        hold["model"], hold["example"] = deployed.handle, example
         return Latency(float("nan"), float("nan"), 0, 1, "", "")  # measured later, round-robin
 
     data = context.data

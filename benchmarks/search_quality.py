@@ -276,9 +276,8 @@ def remeasure_side_by_side(runs: list[dict[str, Any]], budget: float, tracking_u
     """
     import random
 
-    from kdsearch.search.latency import load_trial_student, structure_key
+    from kdsearch.search.latency import artifact_latency, runtime_example, structure_key
     from kdsearch.search.tracking import STATUS_TAG, client, trial_runs
-    from kdsearch.trainers.measure import measure_latency
     from kdsearch.trainers.trial import prepare
 
     mlflow_client = client(tracking_uri)
@@ -287,7 +286,7 @@ def remeasure_side_by_side(runs: list[dict[str, Any]], budget: float, tracking_u
         with contextlib.redirect_stdout(io.StringIO()):
             context = prepare(space)
     data = context.data
-    students: dict[str, Any] = {}  # structure key -> rebuilt student
+    students: dict[str, Any] = {}  # structure key -> (config, folder of its logged files)
     rows_by_run: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
         rows = []
@@ -298,7 +297,7 @@ def remeasure_side_by_side(runs: list[dict[str, Any]], budget: float, tracking_u
             key = structure_key(config)
             path = artifacts / trial.info.run_id / "artifacts" / "student" / "student.pt"
             if key not in students and path.is_file():
-                students[key] = load_trial_student(space, config, path, data.input_shape, data.num_classes)
+                students[key] = (config, path.parent)  # the trial's logged files, measured in the space's runtime
             rows.append({"run_id": trial.info.run_id, "key": key, "own_latency_ms": trial.data.metrics["latency_ms"],
                          **{m: trial.data.metrics[m] for m in ("val_acc", "params", "epoch")}})
         rows_by_run[run["parent_run_id"]] = rows
@@ -308,7 +307,9 @@ def remeasure_side_by_side(runs: list[dict[str, Any]], budget: float, tracking_u
     for round_ in range(rounds):
         random.Random(round_).shuffle(order)
         for key in order:
-            figures[key].append(measure_latency(students[key], context.example).median_ms)
+            config, folder = students[key]
+            figures[key].append(artifact_latency(space, config, folder, runtime_example(space, data), data.input_shape,
+                                                 data.num_classes).median_ms)
     latency = {key: statistics.median(values) for key, values in figures.items()}
     missing = sum(row["key"] not in latency for rows in rows_by_run.values() for row in rows)
     if missing:  # an artifact a copied folder lacks: that student keeps its search's own figure

@@ -30,14 +30,16 @@ def _echo(msg: str) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """The resolved space on stdout, then what the probes found (the checks ``run`` makes first)."""
     import yaml
 
+    from kdsearch.trainers.probes import probe_space
+
     space = _space(args.space)
-    described = space.describe()
-    print(yaml.safe_dump(described, sort_keys=False, default_flow_style=None).rstrip())
-    modules = sorted({ref.partition(":")[0] for ref in _refs(described)})
-    if modules:  # trusted like Python code: say which
-        print(f"# imports (runs their code, trusted like any Python you import): {', '.join(modules)}", file=sys.stderr)
+    report = probe_space(space)
+    print(yaml.safe_dump(space.describe(), sort_keys=False, default_flow_style=None).rstrip())
+    for line in report.lines():
+        print(f"# {line}", file=sys.stderr)
     print(f"# ok: {space.source}", file=sys.stderr)
     return 0
 
@@ -64,17 +66,6 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _refs(value: Any) -> list[str]:
-    """Every ``module:attr`` reference in a described space (builders, sources, losses, quantizers, ...)."""
-    import re
-
-    if isinstance(value, dict):
-        return [ref for v in value.values() for ref in _refs(v)]
-    if isinstance(value, (list, tuple)):
-        return [ref for v in value for ref in _refs(v)]
-    return [value] if isinstance(value, str) and re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", value) else []
-
-
 # --------------------------------------------------------------------------- trial
 
 
@@ -98,12 +89,14 @@ def sample_params(space: Space, pinned_json: Optional[str], seed: int) -> dict[s
 
 
 def cmd_trial(args: argparse.Namespace) -> int:
+    from kdsearch.trainers.probes import probe_space
     from kdsearch.trainers.trial import prepare, run_trial
 
     if args.epochs is not None and args.epochs < 1:
         raise UserError(f"--epochs {args.epochs}: must be at least 1; fix: pass e.g. --epochs 2, or leave it out")
     space = _space(args.space)
     params = sample_params(space, args.params, args.seed)
+    probe_space(space)
     context = prepare(space)  # checks the data and the teachers before anything is said
     _echo(f"trial: {params['student.family']} student on {space.data.source}, seed {args.seed}")
     _echo(f"teacher: {context.targets.description}, val_acc {context.targets.val_acc:.4f}")

@@ -18,13 +18,13 @@ import io
 import json
 import tempfile
 import warnings
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
 
+from kdsearch.trainers.deployable import deployable  # noqa: F401  (its home is trainers: a trial ships it too)
 from kdsearch.trainers.quantize import quant_info
 
 #: the batch of the example that exporters trace: above 1, so no exporter specialises the batch axis to 1
@@ -33,11 +33,6 @@ EXAMPLE_BATCH = 2
 CARD_KEY = "kdsearch_model_card"
 #: a front row's keys that are not metrics
 ROW_IDS = frozenset({"config", "architecture", "trial", "trial_id", "run_id", "status"})
-
-
-def deployable(student: nn.Module, data: Any) -> nn.Sequential:
-    """``Standardize`` (from ``data``'s recorded preprocessing) then ``student``: takes raw inputs."""
-    return nn.Sequential(OrderedDict(standardize=data.standardize(), student=student)).eval()
 
 
 def quantized(model: nn.Module) -> bool:

@@ -358,29 +358,16 @@ def resume_search(path: str | Path) -> SearchResult:
 
 
 def prepare_checked(space: Space) -> Any:
-    """Data and teachers, then a check that some student meets the constraints: before any store or run exists."""
+    """The probes ``kdsearch validate`` prints (data, teachers, hints, constraints), then the data and
+    teachers themselves: all before any store, run or Ray session exists."""
+    from kdsearch.trainers.probes import probe_space
     from kdsearch.trainers.trial import prepare
 
+    probe_space(space)
     log.info("preparing data and teacher (once for all trials)...")
     context = prepare(space)
     log.info(f"teacher {context.targets.description}: val_acc {context.targets.val_acc:.4f}")
-    check_satisfiable(space, context)
     return context
-
-
-def check_satisfiable(space: Space, context: Any, samples: int = 200) -> None:
-    """At least one of ``samples`` random students meets the size constraints (else every sample is rejected)."""
-    check = ConstraintCheck(space, context.data.input_shape, context.data.num_classes)
-    if not check.limits:
-        return
-    first = None
-    for seed in range(samples):
-        reason = check(space.sample_random(seed))
-        if reason is None:
-            return
-        first = first or reason
-    raise UserError(f"constraints: none of {samples} random students of the space meets them (e.g. {first}); "
-                    "fix: relax the constraints or allow smaller students")
 
 
 def _drive(space: Space, options: SearchOptions, mlflow_client, exp_id: str, parent_id: str, path: str,
@@ -443,6 +430,9 @@ def _drive(space: Space, options: SearchOptions, mlflow_client, exp_id: str, par
             interrupted = recorder.interrupt()
             log.info(f"{stopped_by}: stopped; {len(interrupted)} trials in flight ({', '.join(interrupted) or 'none'}) "
                      "end as interrupted, the front so far is marked partial")
+        elif lost := recorder.close_lost():
+            log.info(f"{len(lost)} runs ({', '.join(lost)}) started after Tune last saved its state: "
+                     "not resumable, marked lost")
         mlflow_client.set_tag(parent_id, PARTIAL_TAG, str(bool(stopped_by)).lower())
         result = finalize.finish(space, context, recorder, mlflow_client, parent_id, options.log_models,
                                  partial=bool(stopped_by))

@@ -7,6 +7,13 @@ in the asked formats and *verified*: every file is run by its own runtime and co
 the rebuilt in-process model on the validation set. A file that does not match is an error,
 never a warning.
 
+What you measure is what you ship: the file the trial's runtime measured (``measure.runtime``:
+``student/student.onnx`` for onnxruntime, ``student/student.pt`` for torch) is not rebuilt but
+copied byte for byte (its sha256 checked against the one the trial recorded, both in the card)
+and held to the accuracy the search logged for it. The other formats are built from the
+checkpoint as above (under onnxruntime the checkpoint is the float student: ONNX Runtime's
+int8 is its own, so a ``static_int8`` trial's pt2 is float and matches ``val_acc_checkpoint``).
+
 Deployable: the ONNX and pt2/TorchScript files hold the data's preprocessing (the per-channel
 standardisation with training statistics, :class:`~kdsearch.trainers.data.Standardize`) in
 front of the student, so they take *raw* inputs as ``data.source`` gives them, and any batch
@@ -28,8 +35,8 @@ Formats and how each kind of student gets there:
 format          float student                                int8 student (``kdsearch.trainers.quantize``)
 ==============  ===========================================  =========================================
 ``onnx``        ``student.onnx``: ``torch.onnx.export``      ``static_int8``: ``student.onnx`` as a QDQ
-                (dynamo exporter, dynamic batch axis)        graph (QuantizeLinear/DequantizeLinear
-                                                             around float Conv/Gemm) from the
+                (TorchScript-based exporter, dynamic         graph (QuantizeLinear/DequantizeLinear
+                batch axis; kdsearch.trainers.deployable)    around float Conv/Gemm) from the
                                                              TorchScript-based exporter, which knows
                                                              the FX-quantized ops (the dynamo exporter
                                                              cannot trace them).
@@ -56,7 +63,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
+import dataclasses
 import io
 import json
 import logging
@@ -67,11 +74,9 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -79,7 +84,9 @@ from torch import nn
 
 from kdsearch.search.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
 from kdsearch.spaces.errors import ExportError, TrackingError, UserError
-from kdsearch.trainers.quantize import dynamic_int8_copy
+from kdsearch.trainers.deployable import onnx_session, quiet_exporters, write_onnx
+from kdsearch.trainers.measure import THREADS
+from kdsearch.trainers.runtimes import file_sha256
 
 __all__ = [
     "FORMATS", "ExportError", "ExportResult", "Exported", "Limits", "NoTrialFits", "Parity", "cmd_export",
@@ -247,6 +254,20 @@ class Exported:
     runtime: str                 # what it was verified with
     parity: Parity
     inputs: str = "raw"          # raw: the preprocessing is in the file; preprocessed: apply it first (student.pt)
+    shipped: bool = False        # the trial's logged file, copied as is (not rebuilt)
+    logged_sha256: Optional[str] = None  # the sha256 the trial recorded for it (equal to sha256)
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """The deployed file a trial measured and logged (``student/student.onnx`` or ``student/student.pt``),
+    which the export copies as is instead of rebuilding it."""
+
+    path: Path                   # downloaded from the trial's run
+    format: str                  # the export format it stands for: onnx | state_dict
+    sha256: Optional[str]        # what the trial recorded (artifact_sha256)
+    val_acc: Optional[float]     # what the search logged for it: its own accuracy in its runtime
+    matches_reference: bool      # whether it computes what the rebuilt student does (not an int8 of a float one)
 
 
 @dataclass
@@ -320,14 +341,22 @@ def reference_outputs(model: nn.Module, data: Any, logged_val_acc: Optional[floa
     return Reference(x, raw, logits, float((preds == labels).mean()), len(labels), logged_val_acc)
 
 
-def check_parity(predict: Predict, reference: Reference, dataset: Any, quantized: bool, raw: bool = True) -> Parity:
+def check_parity(predict: Predict, reference: Reference, dataset: Any, quantized: bool, raw: bool = True,
+                 shipped: Optional[Shipped] = None) -> Parity:
     """``predict`` (a file's runtime) against the in-process reference, judged by :data:`TOLERANCE`.
 
     ``raw``: the file takes raw inputs (``dataset`` is the raw validation set) and is fed the raw
     samples; otherwise the preprocessed ones. Logits are compared at every :data:`PARITY_BATCHES`
     size; the whole set's accuracy with the in-process student's and the logged one (when known).
+    A ``shipped`` file is held to the accuracy the search logged for *it*; one that does not
+    compute what the rebuilt student does (ONNX Runtime's int8 of a float checkpoint) has its
+    distance to the reference reported, not bounded.
     """
     tolerance = TOLERANCE["int8" if quantized else "float"]
+    if shipped is not None:
+        reference = dataclasses.replace(reference, logged_val_acc=shipped.val_acc)
+        if not shipped.matches_reference:
+            tolerance = {"max_abs_diff": None, "acc_points": tolerance["acc_points"], "reference_acc_points": None}
     inputs = reference.raw_batch if raw else reference.batch
     by_batch = {str(n): float(np.abs(np.asarray(predict(inputs[:n]), dtype=np.float64) - reference.logits_at[n]).max())
                 for n in reference.sizes}
@@ -338,7 +367,9 @@ def check_parity(predict: Predict, reference: Reference, dataset: Any, quantized
     logged = reference.logged_val_acc
     logged_points = None if logged is None else abs(acc - logged) * 100.0
     bound, limit = tolerance["max_abs_diff"], tolerance["acc_points"] + 1e-9
-    ok = points <= limit and (bound is None or diff <= bound) and (logged_points is None or logged_points <= limit)
+    versus_reference = tolerance.get("reference_acc_points", tolerance["acc_points"])
+    ok = ((versus_reference is None or points <= versus_reference + 1e-9) and (bound is None or diff <= bound)
+          and (logged_points is None or logged_points <= limit))
     return Parity(diff, max(reference.sizes), acc, reference.val_acc, points, len(labels), dict(tolerance), bool(ok),
                   "raw" if raw else "preprocessed", by_batch, logged, logged_points)
 
@@ -346,103 +377,21 @@ def check_parity(predict: Predict, reference: Reference, dataset: Any, quantized
 # --------------------------------------------------------------------------- writers
 
 
-@contextlib.contextmanager
-def quiet_exporters() -> Iterator[None]:
-    """No warnings or INFO chatter from the exporters (deprecations, "torchvision is not installed")."""
-    names = ("torch.onnx", "torch.export", "torch._export", "torch._dynamo", "torch.fx", "onnxscript", "onnx_ir",
-             "torch.jit", "onnxruntime")
-    saved = {n: logging.getLogger(n).level for n in names}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for n in names:
-            logging.getLogger(n).setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for n, level in saved.items():
-                logging.getLogger(n).setLevel(level)
-
-
-def _batch_dim() -> Any:
-    return torch.export.Dim("batch", min=1)
-
-
-def dynamic_int8_exportable(model: nn.Module, batch: torch.Tensor) -> tuple[nn.Module, int]:
-    """The :func:`dynamic_int8_copy` closest to ``model`` on ``batch``, and its activation ``qmax``.
-
-    Whether the int8 kernel uses the reduced 7-bit activation range depends on the quantized
-    engine (fbgemm/x86 do, qnnpack does not): measuring both beats guessing.
-    """
-    with torch.inference_mode():
-        reference = model(batch)
-        candidates = []
-        for qmax in (127, 255):
-            copy_ = dynamic_int8_copy(model, qmax)
-            candidates.append((float((copy_(batch) - reference).abs().max()), qmax, copy_))
-    _, qmax, best = min(candidates, key=lambda c: (c[0], c[1]))
-    return best, qmax
-
-
-def write_onnx(model: nn.Module, batch: torch.Tensor, path: Path, quantizer: str) -> str:
-    """Write ``student.onnx`` (input ``input``, output ``logits``, dynamic batch); return what it holds.
-
-    ``model``: a :func:`~kdsearch.search.deploy.deployable` (``standardize`` then ``student``);
-    ``batch``: raw validation inputs (at least 2, so no size is specialised to 1).
-    """
-    common = {"input_names": ["input"], "output_names": ["logits"], "verbose": False}
-    example = batch[:2]
-    with quiet_exporters():
-        if quantizer == "none":
-            torch.onnx.export(model, (example,), str(path), dynamo=True, external_data=False,
-                              dynamic_shapes=({0: _batch_dim()},), **common)
-            kind = "onnx (float, torch.onnx dynamo exporter)"
-        elif quantizer == "dynamic_int8":
-            pre = getattr(model, "standardize", nn.Identity())
-            with torch.no_grad():
-                student_batch = pre(batch)
-            student, qmax = dynamic_int8_exportable(getattr(model, "student", model), student_batch)
-            exportable = nn.Sequential(OrderedDict(standardize=pre, student=student)).eval()
-            torch.onnx.export(exportable, (example,), str(path), dynamo=True, external_data=False,
-                              dynamic_shapes=({0: _batch_dim()},), **common)
-            kind = (f"onnx (int8 weights via DequantizeLinear; activations fake-quantized per batch to 0..{qmax} "
-                    "as torch's dynamic int8 kernel does)")
-        else:
-            # FX-quantized modules only trace through TorchScript: the legacy exporter maps them to QDQ
-            with torch.no_grad():
-                torch.onnx.export(model, (example,), str(path), dynamo=False,
-                                  dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **common)
-            kind = "onnx (QDQ int8: QuantizeLinear/DequantizeLinear around Conv/Gemm, torch.onnx TorchScript exporter)"
-    _strip_debug_metadata(path)
-    import onnx
-
-    onnx.checker.check_model(str(path), full_check=True)
-    return kind
-
-
-def _strip_debug_metadata(path: Path) -> None:
-    """Drop the per-node debug strings the dynamo exporter records (FX node, module path):
-    for a small student they are most of the file."""
-    import onnx
-
-    model = onnx.load(str(path))
-    if any(len(node.metadata_props) for node in model.graph.node):
-        for node in model.graph.node:
-            del node.metadata_props[:]
-        onnx.save(model, str(path))
-
-
 def onnx_predict(path: Path) -> tuple[Predict, str]:
+    """Run ``path`` in an ONNX Runtime session with the trial's settings (:func:`~kdsearch.trainers.deployable.onnx_session`)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = onnx_session(path)
     name = session.get_inputs()[0].name
 
     def predict(x: torch.Tensor) -> np.ndarray:
         return session.run(None, {name: x.numpy()})[0]
 
-    return predict, f"onnxruntime {ort.__version__} (CPUExecutionProvider)"
+    return predict, f"onnxruntime {ort.__version__} (CPUExecutionProvider, {THREADS} thread)"
+
+
+def _batch_dim() -> Any:
+    return torch.export.Dim("batch", min=1)
 
 
 def write_program(model: nn.Module, example: torch.Tensor, folder: Path, quantized: bool) -> tuple[Path, str]:
@@ -471,14 +420,6 @@ def program_predict(path: Path) -> tuple[Predict, str]:
     return torch_predict(module), runtime
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # --------------------------------------------------------------------------- export
 
 
@@ -495,13 +436,16 @@ def rebuild(space: Any, config: Mapping[str, Any], checkpoint: Path, data: Any, 
 
 
 def write_verified(space: Any, config: Mapping[str, Any], checkpoint: Path, folder: Path, formats: Sequence[str],
-                   data: Any, trial: str = "the trial",
-                   logged_val_acc: Optional[float] = None) -> tuple[list[Exported], Reference, nn.Module]:
+                   data: Any, trial: str = "the trial", logged_val_acc: Optional[float] = None,
+                   shipped: Optional[Shipped] = None) -> tuple[list[Exported], Reference, nn.Module]:
     """Write ``formats`` of the student in ``checkpoint`` into ``folder`` and verify each file.
 
     ONNX and pt2/TorchScript files are :func:`~kdsearch.search.deploy.deployable` (raw inputs,
     any batch); ``student.pt`` is the checkpoint (preprocessed inputs). ``logged_val_acc``: the
-    accuracy the search logged, which the rebuilt student and every file must match too.
+    accuracy the search logged for the checkpoint, which the rebuilt student and every file
+    must match too. ``shipped``: the deployed file the trial measured; its format is that file
+    copied byte for byte (its sha256 checked against the trial's record) and held to the
+    accuracy logged for it, not rebuilt.
     Returns the files, the in-process reference they were compared with, and the student.
     Raises :class:`ExportError` when a file cannot be written or misses :data:`TOLERANCE`.
     """
@@ -529,8 +473,20 @@ def write_verified(space: Any, config: Mapping[str, Any], checkpoint: Path, fold
     out: list[Exported] = []
     for fmt in formats:
         raw = fmt != "state_dict"
+        copied = shipped is not None and shipped.format == fmt
         try:
-            if fmt == "onnx":
+            if copied:
+                assert shipped is not None
+                path = folder / shipped.path.name
+                shutil.copyfile(shipped.path, path)
+                if shipped.sha256 and file_sha256(path) != shipped.sha256:
+                    raise ExportError(f"{fmt}: {trial}'s logged {path.name} has sha256 {file_sha256(path)[:12]}..., the "
+                                      f"trial recorded {shipped.sha256[:12]}...; fix: the run's artifacts were changed: "
+                                      "export another trial or search again")
+                kind = f"the trial's deployed file, copied as measured ({path.name}, {config.get('compress.quantize', 'none')})"
+                predict, runtime = onnx_predict(path) if fmt == "onnx" else (
+                    torch_predict(rebuild(space, config, path, data, trial)), "kdsearch.trainers.checkpoint.load_student")
+            elif fmt == "onnx":
                 path = folder / "student.onnx"
                 kind = write_onnx(deploy, batch, path, quantizer)
                 predict, runtime = onnx_predict(path)
@@ -552,7 +508,9 @@ def write_verified(space: Any, config: Mapping[str, Any], checkpoint: Path, fold
                               f"fix: pass --format {others}") from None
         with quiet_exporters():
             try:
-                parity = check_parity(predict, reference, raw_val if raw else data.val, quantized, raw=raw)
+                parity = check_parity(predict, reference, raw_val if raw else data.val,
+                                      quantized or (copied and config.get("compress.quantize", "none") != "none"), raw=raw,
+                                      shipped=shipped if copied else None)
             except Exception as exc:  # e.g. a file that refuses a batch size
                 raise ExportError(f"{fmt}: {path.name} fails on validation inputs of {trial}: {_first_line(exc)}; "
                                   f"fix: report it; meanwhile pass --format {','.join(f for f in FORMATS if f != fmt)}") from None
@@ -565,8 +523,8 @@ def write_verified(space: Any, config: Mapping[str, Any], checkpoint: Path, fold
                               f"val_acc {parity.val_acc:.4f} vs {parity.reference_val_acc:.4f} "
                               f"({parity.acc_diff_points:.2f} points{logged}, limit {tol['acc_points']}); "
                               f"fix: report it; meanwhile pass --format {','.join(f for f in FORMATS if f != fmt)}")
-        out.append(Exported(fmt, path.name, kind, path.stat().st_size, _sha256(path), runtime, parity,
-                            "raw" if raw else "preprocessed"))
+        out.append(Exported(fmt, path.name, kind, path.stat().st_size, file_sha256(path), runtime, parity,
+                            "raw" if raw else "preprocessed", copied, shipped.sha256 if copied and shipped else None))
     return out, reference, model
 
 
@@ -762,8 +720,9 @@ def _export_into(c: Any, tracking_uri: str, parent: Any, payload: Mapping[str, A
         checkpoint = _download(c, row["run_id"], "student/student.pt", Path(tmp), "the trial's student")
         data = load_data(space.data)
         staging = Path(staging_dir) / "export"
+        shipped = shipped_file(c, row, checkpoint, Path(tmp))
         files, reference, model = write_verified(space, row["config"], checkpoint, staging, formats, data, trial,
-                                                 _number(row.get("val_acc")))
+                                                 _number(row.get("val_acc_checkpoint", row.get("val_acc"))), shipped)
         card = model_card(tracking_uri, parent, payload, row, space, data, limits, files, reference, model)
         (staging / "model_card.json").write_text(json.dumps(card, indent=2, default=str))
         _place(staging, dest)
@@ -772,6 +731,23 @@ def _export_into(c: Any, tracking_uri: str, parent: Any, payload: Mapping[str, A
                                           card, trial)
             (dest / "model_card.json").write_text(json.dumps(card, indent=2, default=str))
     return files, card
+
+
+#: the export format a runtime's deployed file stands for
+SHIPPED_FORMAT = {"student.onnx": "onnx", "student.pt": "state_dict"}
+
+
+def shipped_file(c: Any, row: Mapping[str, Any], checkpoint: Path, folder: Path) -> Optional[Shipped]:
+    """The deployed file the trial of ``row`` logged (None for a search older than the runtimes)."""
+    name = row.get("artifact")
+    if name not in SHIPPED_FORMAT:
+        return None
+    path = checkpoint if name == checkpoint.name else _download(c, row["run_id"], f"student/{name}", folder,
+                                                                 "the trial's deployed file")
+    quantize = row.get("config", {}).get("compress.quantize", "none")
+    # onnxruntime quantizes the float checkpoint itself: its int8 file computes other logits than the rebuilt student
+    matches = name == checkpoint.name or quantize == "none"
+    return Shipped(path, SHIPPED_FORMAT[name], row.get("artifact_sha256"), _number(row.get("val_acc")), matches)
 
 
 def _summary(row: Mapping[str, Any]) -> str:
@@ -801,24 +777,35 @@ def model_card(tracking_uri: str, parent: Any, payload: Mapping[str, Any], row: 
               "objectives": payload.get("objectives"), "hypervolume": payload.get("hypervolume")}
     card = deploy_card(data, row, search, space.data.model_dump())
     card["data"]["val_samples"] = reference.samples
+    runtime = row.get("runtime", "torch")
+    if runtime != "torch":  # the runtime quantized the float checkpoint itself
+        quantize, backend = row.get("config", {}).get("compress.quantize", "none"), row.get("quant_backend")
+    else:
+        quantize, backend = (info.name, info.backend) if info else ("none", None)
+    shipped = next((f for f in files if f.shipped), None)
     return {
         **card,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "architecture": row.get("architecture"),
         "config": row.get("config"),
         "compression": {"prune_ratio": row.get("config", {}).get("compress.prune_ratio", 0.0),
-                        "quantize": info.name if info else "none", "backend": info.backend if info else None,
+                        "quantize": quantize, "backend": backend,
                         **({"note": "activations are quantized per batch (one scale for the whole batch), in torch "
                                     "and in student.onnx alike: a sample's logits depend slightly on its batch"}
                            if info and info.name == "dynamic_int8" else {})},
         "teacher": space.teacher.model_dump(),
+        "runtime": {"name": runtime, "batch_size": row.get("latency_batch_size", 1),
+                    "what": "the runtime the search measured latency_ms, val_acc and size_bytes in (measure.runtime)",
+                    "shipped": None if shipped is None else {"file": shipped.file, "sha256": shipped.sha256,
+                                                            "logged_sha256": shipped.logged_sha256,
+                                                            "val_acc": shipped.parity.val_acc}},
         "rule": {"select": "the most accurate complete front trial meeting every limit (ties: lower latency_ms, "
                            "then fewer params)",
                  "limits": limits.as_dict(), "front_size": len(front),
                  "eligible": sum(1 for r in front if violation(r, limits) == 0.0)},
         "reference": {"what": "the student rebuilt in-process from student.pt (trainers.checkpoint), fed "
                               "preprocessed validation inputs; the files are fed raw ones (student.pt: preprocessed)",
-                      "val_acc": reference.val_acc, "val_acc_logged": row.get("val_acc"),
+                      "val_acc": reference.val_acc, "val_acc_logged": row.get("val_acc_checkpoint", row.get("val_acc")),
                       "parity_batches": reference.sizes},
         "files": [{**{k: v for k, v in asdict(f).items() if k != "parity"}, "parity": asdict(f.parity)} for f in files],
         "versions": versions(),

@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 
-from kdsearch.search.latency import load_trial_student, structure_key
+from kdsearch.search.latency import artifact_latency, load_trial_student, runtime_example, structure_key
 from kdsearch.search.pareto import hypervolume_fraction, pareto_front
 from kdsearch.search.recorder import SearchRecorder
 from kdsearch.search.report import architecture, write_plot_html, write_plot_png, write_trials_csv
 from kdsearch.search.tracking import log_json, log_metrics
 from kdsearch.spaces import Space
-from kdsearch.trainers.measure import Latency, measure_latency
+from kdsearch.trainers.measure import Latency
 
 log = logging.getLogger("kdsearch")
 
@@ -33,8 +33,8 @@ def remeasure_latency(space: Space, context: Any, recorder: SearchRecorder, mlfl
             continue
         key = structure_key(row["config"])
         if key not in cache:
-            model = load_trial_student(space, row["config"], path, data.input_shape, data.num_classes)
-            cache[key] = measure_latency(model, context.example)
+            cache[key] = artifact_latency(space, row["config"], path.parent, runtime_example(space, data), data.input_shape,
+                                          data.num_classes)  # the logged deployed file, in its runtime
         row["latency_ms_search"] = row.get("latency_ms")
         row["latency_ms"] = cache[key].median_ms
         row["latency_iqr_ms"] = cache[key].iqr_ms

@@ -25,7 +25,7 @@ from kdsearch.spaces.errors import UserError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "kdsearch"
-SEARCHERS = ("nsga2", "tpe", "random")
+SEARCHERS = ("mf-gp", "nsga2", "tpe", "random")
 SCHEDULERS = ("pareto-asha", "asha", "none")
 
 
@@ -46,7 +46,7 @@ class SearchOptions(BaseModel):
     storage: Optional[str] = Field(None, description="Ray Tune storage (default: ray_results beside a sqlite tracking "
                                                      "store, else ~/ray_results); shared on a cluster")
     seed: int = Field(0, description="seed of the sampler and of every trial")
-    searcher: Literal[SEARCHERS] = Field("nsga2", description="Optuna sampler")  # type: ignore[valid-type]
+    searcher: Literal[SEARCHERS] = Field("mf-gp", description="Optuna sampler (mf-gp: GP fitted on rung results too)")  # type: ignore[valid-type]
     scheduler: Literal[SCHEDULERS] = Field("pareto-asha", description="early stopping")  # type: ignore[valid-type]
     max_failures: int = Field(3, ge=0, description="retries of a trial whose worker died")
     epochs: Optional[int] = Field(None, ge=1, description="override the space's distillation epochs")

@@ -14,11 +14,15 @@ from ray import tune
 
 from kdsearch.search.pareto import hypervolume_fraction, pareto_front
 from kdsearch.search.tracking import NAME_TAG, PARENT_TAG, STATUS_TAG, TRIAL_TAG, flush, log_metrics, trial_runs
+from kdsearch.trainers.runtimes import student_files
 
 log = logging.getLogger("kdsearch")
 
 COMPLETE, PRUNED, FAILED = "complete", "pruned", "failed"
 INTERRUPTED = "interrupted"  # in flight at SIGINT or SIGTERM: KILLED in MLflow, off the front, resumable
+#: a run whose trial started after Tune last saved its state, then the driver died: Tune never
+#: resumes it, so it is KILLED and kept apart (not a trial of the search)
+LOST = "lost"
 #: Tune's own result keys, not worth a metric history each
 TUNE_BOOKKEEPING = ("time_this_iter_s", "time_total_s", "timestamp", "pid", "training_iteration", "iterations_since_restore")
 
@@ -40,6 +44,7 @@ class SearchRecorder(tune.Callback):
         self.names: dict[str, str] = {}  # trial_id -> trial-001, in order of first sight
         self.running: set[str] = set()
         self.checkpoints: dict[str, Path] = {}
+        self.runtime_tagged: set[str] = set()  # trials whose run carries the RUNTIME_TAG
         self.students_dir = tempfile.mkdtemp(prefix="kdsearch-students-")
         self.hypervolume = 0.0
         self.started = time.monotonic()
@@ -89,6 +94,19 @@ class SearchRecorder(tune.Callback):
         self.running.clear()
         return names
 
+    def close_lost(self) -> list[str]:
+        """At the end of a resumed search: the runs of trials Tune's saved state did not know (started
+        just before the driver died), which no resume can continue. KILLED, tagged lost; their names."""
+        names = []
+        for trial_id in sorted(self.unfinished - set(self.rows) - self.running, key=self.name):
+            run_id = self.run_ids[trial_id]
+            self.client.set_tag(run_id, STATUS_TAG, LOST)
+            self.client.set_tag(run_id, "mlflow.runName", f"{self.name(trial_id)} ({LOST})")
+            self.client.set_terminated(run_id, "KILLED")
+            names.append(self.name(trial_id))
+        self.unfinished.clear()
+        return names
+
     def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
         self.running.discard(trial.trial_id)
 
@@ -96,6 +114,9 @@ class SearchRecorder(tune.Callback):
         run_id = self._run_for(trial.trial_id, trial.config)
         # MLflow steps are integers: the report's number; `epoch` (fractional inside an epoch) is logged beside it
         step = int(result.get("training_iteration", 0))
+        if "runtime" in result and trial.trial_id not in self.runtime_tagged:  # every report carries it
+            self.client.set_tag(run_id, RUNTIME_TAG, str(result["runtime"]))
+            self.runtime_tagged.add(trial.trial_id)
         log_metrics(self.client, run_id, {k: v for k, v in result.items()
                                           if k not in TUNE_BOOKKEEPING and not k.startswith("time_since")}, step, synchronous=False)
 
@@ -142,14 +163,19 @@ class SearchRecorder(tune.Callback):
             self._progress()
 
     def _keep_artifact(self, trial_id: str, checkpoint, run_id: str) -> None:
+        """Log the trial's files to its run under ``student/``: the checkpoint ``student.pt`` and the
+        deployed file its runtime measured (``student.onnx`` for onnxruntime: what the export copies)."""
         with checkpoint.as_directory() as folder:
-            student = Path(folder) / "student.pt"
-            if student.is_file():
+            for name in student_files():
+                student = Path(folder) / name
+                if not student.is_file():
+                    continue
                 self.client.log_artifact(run_id, str(student), "student")
-                keep = Path(self.students_dir) / trial_id / "student.pt"  # local even when storage is remote
+                keep = Path(self.students_dir) / trial_id / name  # local even when storage is remote
                 keep.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(student, keep)
-                self.checkpoints[trial_id] = keep
+                if name == "student.pt":
+                    self.checkpoints[trial_id] = keep
 
     def flush(self) -> None:
         """Everything queued for MLflow is in the store (before the front is read or the search ends)."""
@@ -182,4 +208,7 @@ class SearchRecorder(tune.Callback):
 
 #: result keys kept in a trial's row besides the objectives
 KEEP = ("val_acc", "val_acc_distilled", "params", "macs", "size_bytes", "latency_ms", "latency_iqr_ms", "epoch",
-        "train_seconds", "family", "quant_backend", "teacher_val_acc", "training_iteration", "teacher_passes")
+        "train_seconds", "family", "quant_backend", "teacher_val_acc", "training_iteration", "teacher_passes",
+        "runtime", "artifact", "artifact_sha256", "val_acc_checkpoint", "latency_batch_size")
+#: the MLflow tag naming the runtime a trial's latency, accuracy and size were measured in
+RUNTIME_TAG = "kdsearch.runtime"

@@ -1,6 +1,9 @@
 """Optuna multi-objective samplers behind Ray Tune's ``OptunaSearch``.
 
-Two corrections to the stock searcher: a trial that the scheduler stopped early is told to
+Three additions to the stock searcher: every intermediate result's objective vector is kept on
+its Optuna trial as a fidelity (``kdsearch.search.samplers.report_values``), so the default
+sampler (``mf-gp``, :class:`~kdsearch.search.samplers.RungSampler`) learns from trials stopped
+at a rung; and two corrections to the stock searcher: a trial that the scheduler stopped early is told to
 Optuna as PRUNED (the stock one tells it COMPLETE with under-trained values, which puts
 students on Optuna's front that do not belong there); and a sampled configuration that
 breaks the space's size constraints is rejected before launch, told to Optuna as FAILED,
@@ -20,6 +23,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from kdsearch.search.options import SEARCHERS
+from kdsearch.search.samplers import RungSampler, report_values
 from kdsearch.spaces import Space
 
 log = logging.getLogger("kdsearch")
@@ -31,6 +35,9 @@ Feasibility = Callable[[dict[str, Any]], Optional[str]]
 def make_sampler(name: str, seed: int, num_samples: int) -> optuna.samplers.BaseSampler:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name == "mf-gp":
+            # multi-fidelity: fits the rung results of stopped trials (benchmarks/peers.py)
+            return RungSampler(seed=seed)
         if name == "nsga2":
             # generations small enough that a short search still evolves
             return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, num_samples // 4)))
@@ -74,7 +81,10 @@ class KDSearch(OptunaSearch):
     def suggest(self, trial_id: str) -> Optional[dict]:
         repeats = 0
         for _ in range(self._max_rejections):
-            config = super().suggest(trial_id)
+            with warnings.catch_warnings():
+                # a GP fit takes a second or two in the define-by-run call, as intended
+                warnings.filterwarnings("ignore", message="Define-by-run function passed")
+                config = super().suggest(trial_id)
             if not isinstance(config, dict):
                 return config  # None (wait) or Searcher.FINISHED
             key = config_key(self._kdsearch_space, config)
@@ -94,6 +104,13 @@ class KDSearch(OptunaSearch):
                 return Searcher.FINISHED
         raise RuntimeError(f"no configuration within the constraints after {self._max_rejections} samples; "
                            "fix: relax constraints or narrow the space")
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        """Keep the result's objective vector at its epoch on the Optuna trial (the stock one drops it)."""
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None or "epoch" not in result or any(result.get(m) is None for m in self._metric):
+            return
+        report_values(ot_trial, float(result["epoch"]), [float(result[m]) for m in self._metric])
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
         if result is not None and result.get("diverged"):

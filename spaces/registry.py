@@ -35,7 +35,8 @@ from typing import Any, Callable, Generic, Iterator, Optional, TypeVar, overload
 
 from kdsearch.spaces.errors import SpaceError
 
-__all__ = ["AUGMENTATIONS", "FAMILIES", "LOSSES", "PRUNERS", "QUANTIZERS", "REGISTRIES", "SOURCES", "TEACHER_MIXES",
+__all__ = ["AUGMENTATIONS", "FAMILIES", "LOSSES", "PRUNERS", "QUANTIZERS", "REGISTRIES", "RUNTIMES", "SOURCES",
+           "TEACHER_MIXES",
            "Registry", "UnknownEntry",
            "import_ref", "is_ref"]
 
@@ -198,9 +199,11 @@ SOURCES: Registry[Any] = Registry("data source", "kdsearch.trainers.data")
 AUGMENTATIONS: Registry[Any] = Registry("augmentation", "kdsearch.trainers.augment")
 #: teacher mixes (``distill.teacher_mix``): name -> ``mix(teacher_logits, targets, weights) -> (B, T) weights``
 TEACHER_MIXES: Registry[Any] = Registry("teacher mix", "kdsearch.trainers.mixes")
+#: deployment runtimes (``measure.runtime``): name -> a :class:`kdsearch.trainers.runtimes.Runtime` subclass
+RUNTIMES: Registry[Any] = Registry("runtime", "kdsearch.trainers.runtimes")
 
 #: the registries by the plural that ``kdsearch list`` takes
 REGISTRIES: dict[str, Registry[Any]] = {
     "families": FAMILIES, "losses": LOSSES, "quantizers": QUANTIZERS, "pruners": PRUNERS, "sources": SOURCES,
-    "augmentations": AUGMENTATIONS, "mixes": TEACHER_MIXES,
+    "augmentations": AUGMENTATIONS, "mixes": TEACHER_MIXES, "runtimes": RUNTIMES,
 }

@@ -20,8 +20,8 @@ from torch import nn
 from kdsearch.spaces.errors import SpaceError
 from kdsearch.spaces.families import Family, KnobModel
 from kdsearch.spaces.knobs import Choice, Fixed, FloatRange, IntRange, Knob, RandomSuggester, Suggester
-from kdsearch.spaces.registry import (FAMILIES, LOSSES, PRUNERS, QUANTIZERS, SOURCES, TEACHER_MIXES, UnknownEntry, import_ref,
-                                      is_ref)
+from kdsearch.spaces.registry import (FAMILIES, LOSSES, PRUNERS, QUANTIZERS, RUNTIMES, SOURCES, TEACHER_MIXES, UnknownEntry,
+                                      import_ref, is_ref)
 
 BUILTIN_DIR = Path(__file__).parent
 DEFAULT_SPACE = BUILTIN_DIR / "digits.yaml"
@@ -69,6 +69,21 @@ class TeacherConfig(Strict):
         if len(kinds) != 1:
             raise ValueError("give exactly one of family, path or module")
         return self
+
+
+class MeasureConfig(Strict):
+    """``measure``: how every trial's deployed student is measured. A setting of the search, not a
+    searched knob: latencies from two runtimes do not compare, so one front has one runtime."""
+
+    runtime: str = Field("onnxruntime", description="what the student ships in and is measured by: onnxruntime "
+                                                    "(the exported ONNX file) or torch (eager; kdsearch list runtimes)")
+    batch_size: int = Field(1, ge=1, le=4096, strict=True, description="inputs per timed call of the latency protocol")
+
+    @field_validator("runtime")
+    @classmethod
+    def _registered_runtime(cls, value: str) -> str:
+        RUNTIMES.get(value, "measure.runtime")
+        return value
 
 
 # --------------------------------------------------------------------------- searched sections
@@ -294,6 +309,7 @@ class Space:
     reference_point: Optional[dict[str, float]] = None
     source: Optional[Path] = None
     text: str = ""
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
 
     @property
     def teacher(self) -> TeacherConfig:
@@ -392,10 +408,11 @@ class Space:
             "objectives": dict(self.objectives),
             "constraints": dict(self.constraints),
             **({"reference_point": dict(self.reference_point)} if self.reference_point else {}),
+            "measure": self.measure.model_dump(),
         }
 
 
-TOP_LEVEL = ("name", "data", "teacher", "teachers", "students", "distill", "train", "compress", "objectives",
+TOP_LEVEL = ("name", "data", "teacher", "teachers", "students", "distill", "train", "compress", "measure", "objectives",
              "constraints", "reference_point")
 
 
@@ -484,6 +501,8 @@ def parse_space(raw: Any, source: Optional[Path] = None, text: str = "") -> Spac
     teachers = _parse_teachers(raw)
     students = _parse_students(raw.get("students"))
     sections = {s: parse_section(m, _section_raw(raw, s), s) for s, m in SEARCHED_SECTIONS.items()}
+    measure = _strict(MeasureConfig, raw.get("measure"), "measure")
+    _check_quantizers(measure, sections["compress"].get("quantize", Fixed("none")))
     weights = sections["distill"].get("teacher_weights")
     if weights is not None and isinstance(weights, Fixed) and weights.value is not None and len(weights.value) != len(teachers):
         raise SpaceError("distill.teacher_weights", f"{len(weights.value)} weights for {len(teachers)} teachers",
@@ -517,7 +536,18 @@ def parse_space(raw: Any, source: Optional[Path] = None, text: str = "") -> Spac
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):  # it names runs and folders
         raise SpaceError("name", f"{name!r} is not a plain name", "use letters, digits, '.', '_' and '-' only")
     return Space(name, data, teachers, students, sections, dict(objectives), dict(constraints),
-                 {k: float(v) for k, v in reference.items()} if reference else None, source, text)
+                 {k: float(v) for k, v in reference.items()} if reference else None, source, text, measure)
+
+
+def _check_quantizers(measure: MeasureConfig, knob: Knob) -> None:
+    """Every ``compress.quantize`` value the space can sample has a quantizer in ``measure.runtime``."""
+    runtime = RUNTIMES.get(measure.runtime, "measure.runtime")
+    values = knob.values if isinstance(knob, Choice) else (knob.value,) if isinstance(knob, Fixed) else ()
+    for i, value in enumerate(values):
+        if not runtime.supports(value):
+            where = f"compress.quantize.choice[{i}]" if isinstance(knob, Choice) else "compress.quantize"
+            raise SpaceError(where, f"{value!r} has no {measure.runtime} quantizer",
+                             f"use one of: {', '.join(runtime.quantizer_names())}, or set measure.runtime: torch")
 
 
 def load_space(path_or_dict: str | Path | Mapping[str, Any] | None = None) -> Space:

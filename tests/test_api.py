@@ -84,6 +84,7 @@ def test_two_searches_in_one_process_print_nothing_and_write_only_beside_the_sto
     work.mkdir()
     monkeypatch.chdir(work)
     store = tmp_path / "store"
+    store.mkdir()  # a sqlite store's folder must exist: a typo'd path is refused rather than created
     uri = f"sqlite:///{store}/mlflow.db"
     space = kdsearch.load_space()
 

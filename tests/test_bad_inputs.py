@@ -7,12 +7,20 @@ module it needs is written beside it first.
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import pytest
+import torch
 
 from kdsearch.search.cli import main
 
 GOOD = "teacher: {family: mlp, epochs: 1}\nstudents:\n  mlp: {width: 16}\n"
+
+DIGITS = "data: {source: digits}\nstudents:\n  mlp: {width: 16}\n"
+NPZ = "data: {source: npz, path: d.npz}\nstudents:\n  mlp: {width: 16}\n"
+TS_TEACHER = "teacher: {path: teacher.pt}\n"
 
 #: id -> (space file text or None, argv after the command's name, text the error line must hold)
 CASES = {
@@ -79,8 +87,111 @@ CASES = {
     "resume-no-folder": (None, ["resume", "no-such-folder"], "no kdsearch.json there"),
     "export-bad-limit": (None, ["export", "--max-latency-ms", "-1"], "--max-latency-ms"),
     "export-no-store": (None, ["export", "--tracking-uri", "sqlite:///nowhere/mlflow.db"], "--tracking-uri"),
+    # the probes: data files, teacher files and student sizes, checked by `validate` and first thing by
+    # `run` and `trial` (trainers.probes.probe_space), nothing trained or allocated
+    "npz-length-mismatch": (NPZ + TS_TEACHER, ["validate", "space.yaml"], "x_train has 40 rows but y_train has 30"),
+    "npz-labels-with-gaps": (NPZ + TS_TEACHER, ["validate", "space.yaml"], "labels reach 9 but"),
+    "npz-labels-negative": (NPZ + TS_TEACHER, ["validate", "space.yaml"], "y_train holds negative labels"),
+    "npz-labels-float": (NPZ + TS_TEACHER, ["validate", "space.yaml"], "y_train holds non-integer values"),
+    "npz-single-class": (NPZ + TS_TEACHER, ["validate", "space.yaml"], "y_train holds a single class (0)"),
+    "npz-nan": (NPZ + TS_TEACHER, ["validate", "space.yaml"], "samples hold NaN or infinite values"),
+    "npz-object-array": (NPZ + TS_TEACHER, ["validate", "space.yaml"], "x_train is an object array"),
+    "npz-not-a-zip": (NPZ + TS_TEACHER, ["validate", "space.yaml"], "cannot read d.npz as .npz"),
+    "teacher-pt2-garbage": (DIGITS + "teacher: {path: teacher.pt2}\n", ["validate", "space.yaml"],
+                            "teacher.path: cannot load teacher.pt2 as a torch.export program"),
+    "teacher-pt2-truncated": (DIGITS + "teacher: {path: teacher.pt2}\n", ["validate", "space.yaml"],
+                              "teacher.path: cannot load teacher.pt2 as a torch.export program"),
+    "teacher-torchscript-garbage": (DIGITS + TS_TEACHER, ["validate", "space.yaml"], "teacher.path: cannot load teacher.pt as TorchScript"),
+    "teacher-file-missing": (DIGITS + "teacher: {path: nope.pt}\n", ["validate", "space.yaml"], "teacher.path: no file at nope.pt"),
+    "teacher-module-missing": (DIGITS + "teacher: {module: 'no_such_module_xyz:build'}\n", ["validate", "space.yaml"],
+                               "teacher.module: cannot import 'no_such_module_xyz:build'"),
+    "teacher-attr-missing": (DIGITS + "teacher: {module: 'torch.nn:NoSuchTeacher'}\n", ["validate", "space.yaml"],
+                             "teacher.module: cannot import 'torch.nn:NoSuchTeacher'"),
+    "teacher-state-dict-pickle-code": (DIGITS + "teacher: {module: 'torch.nn:Identity', state_dict: weights.pt}\n",
+                                       ["validate", "space.yaml"], "teacher.state_dict: weights.pt refused as unsafe: it names "),
+    "teacher-state-dict-garbage": (DIGITS + "teacher: {module: 'torch.nn:Identity', state_dict: weights.pt}\n",
+                                   ["validate", "space.yaml"], "teacher.state_dict: cannot read weights.pt as a state_dict"),
+    "teacher-7-outputs-on-10-classes": (DIGITS + TS_TEACHER, ["validate", "space.yaml"],
+                                        "teacher: outputs shape (1, 7) but the data has 10 classes"),
+    "teachers-second-wrong-width": ("data: {source: digits}\nstudents: {mlp: {width: 16}}\n"
+                                    "teachers: [{path: teacher.pt}, {path: teacher7.pt}]\n", ["validate", "space.yaml"],
+                                    "teachers[1]: outputs shape (1, 7)"),
+    "student-builder-width-1e9": (DIGITS.replace("mlp: {width: 16}", "wide: {builder: 'kd_bad_builder:build', width: 1000000000}")
+                                  + TS_TEACHER, ["validate", "space.yaml"],
+                                  "students.wide.width: 1000000000 makes a student of 75,000,000,010 params, over the 2,000,000,000 params"),
+    "student-cnn-every-knob-at-upper-bound": (DIGITS.replace("mlp: {width: 16}", "cnn: {stages: 5, channels: 1024, width_mult: 4.0, "
+                                                             "blocks: 8, kernel: 7}") + TS_TEACHER,
+                                              ["validate", "space.yaml"], "over the 2,000,000,000 params a trial can build"),
+    "run-tracking-folder-missing": (None, ["run", "--tracking-uri", "sqlite:///nowhere/mlflow.db"],
+                                    "tracking_uri (--tracking-uri): its folder"),
+    "pareto-no-store": (None, ["pareto", "--tracking-uri", "sqlite:///nowhere/mlflow.db"], "--tracking-uri"),
 }
 
+#: the files a case needs beside its space file: case -> write(folder)
+FILES: dict[str, Callable[[Path], None]] = {}
+
+
+def _npz(**arrays: np.ndarray) -> Callable[[Path], None]:
+    def write(folder: Path) -> None:
+        np.savez(folder / "d.npz", **arrays)
+        _teacher(6, 2)(folder)
+    return write
+
+
+def _teacher(features: int, outputs: int, name: str = "teacher.pt") -> Callable[[Path], None]:
+    """A TorchScript linear teacher: loads in milliseconds, nothing trained."""
+    def write(folder: Path) -> None:
+        torch.jit.script(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(features, outputs))).save(str(folder / name))
+    return write
+
+
+def _raw(name: str, content: bytes, then: Callable[[Path], None] = lambda folder: None) -> Callable[[Path], None]:
+    def write(folder: Path) -> None:
+        (folder / name).write_bytes(content)
+        then(folder)
+    return write
+
+
+class _RunsCode:
+    """Pickles as a call of os.system: what a hostile state_dict holds."""
+
+    def __reduce__(self):
+        return os.system, ("touch pwned",)
+
+
+def _truncated_pt2(folder: Path) -> None:
+    path = folder / "teacher.pt2"
+    torch.export.save(torch.export.export(torch.nn.Linear(64, 10), (torch.zeros(1, 64),)), str(path))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+_X = np.random.default_rng(0).normal(size=(40, 6)).astype(np.float32)
+_Y = np.arange(40) % 2
+_X_NAN = _X.copy()
+_X_NAN[[3, 7, 9], 2] = [np.nan, np.inf, -np.inf]
+_BUILDER = (b"from torch import nn\n\n"
+            b"def build(config, input_shape, num_classes):\n"
+            b"    return nn.Sequential(nn.Flatten(), nn.Linear(64, int(config['width'])), nn.Linear(int(config['width']), num_classes))\n")
+
+FILES.update({
+    "npz-length-mismatch": _npz(x_train=_X, y_train=_Y[:30]),
+    "npz-labels-with-gaps": _npz(x_train=_X, y_train=np.where(_Y == 1, 9, 0)),
+    "npz-labels-negative": _npz(x_train=_X, y_train=_Y - 1),
+    "npz-labels-float": _npz(x_train=_X, y_train=_Y + 0.5),
+    "npz-single-class": _npz(x_train=_X, y_train=np.zeros(40, dtype=np.int64)),
+    "npz-nan": _npz(x_train=_X_NAN, y_train=_Y),
+    "npz-object-array": _npz(x_train=np.array([_X[0], "x"], dtype=object), y_train=_Y[:2]),
+    "npz-not-a-zip": _raw("d.npz", b"not a zip archive at all", _teacher(6, 2)),
+    "teacher-pt2-garbage": _raw("teacher.pt2", os.urandom(256)),
+    "teacher-pt2-truncated": _truncated_pt2,
+    "teacher-torchscript-garbage": _raw("teacher.pt", b"PK\x03\x04 garbage, not TorchScript"),
+    "teacher-state-dict-pickle-code": lambda folder: torch.save({"w": _RunsCode()}, folder / "weights.pt"),
+    "teacher-state-dict-garbage": _raw("weights.pt", os.urandom(128)),
+    "teacher-7-outputs-on-10-classes": _teacher(64, 7),
+    "teachers-second-wrong-width": lambda folder: (_teacher(64, 10)(folder), _teacher(64, 7, "teacher7.pt")(folder)),
+    "student-builder-width-1e9": lambda folder: (_raw("kd_bad_builder.py", _BUILDER)(folder), _teacher(64, 10)(folder)),
+    "student-cnn-every-knob-at-upper-bound": _teacher(64, 10),
+})
 
 def test_non_finite_inputs_are_refused_with_the_sample_count(tmp_path):
     import numpy as np
@@ -103,6 +214,9 @@ def test_bad_input_is_one_line_exit_2_and_creates_nothing(case, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     if space is not None:
         (tmp_path / "space.yaml").write_bytes(space if isinstance(space, bytes) else space.encode())
+    if case in FILES:
+        FILES[case](tmp_path)
+        monkeypatch.syspath_prepend(str(tmp_path))  # a builder module written beside the space
     before = set(os.listdir(tmp_path))
     code = main(argv)
     err = capsys.readouterr().err.strip().splitlines()

@@ -56,7 +56,7 @@ TRIALS = {
 SEEDS = {"float": 0, "int8": 3, "dynamic": 2}
 EXPERIMENT = "export-test"
 KEEP = ("val_acc", "val_acc_distilled", "params", "macs", "size_bytes", "latency_ms", "latency_iqr_ms", "epoch",
-        "family", "quant_backend", "teacher_val_acc")
+        "family", "quant_backend", "teacher_val_acc", "runtime", "artifact", "artifact_sha256", "val_acc_checkpoint")
 
 
 # --------------------------------------------------------------------------- the store
@@ -73,6 +73,7 @@ def digits_space():
 
     raw = yaml.safe_load(DEFAULT_SPACE.read_text())
     raw["teacher"].update(epochs=5, config={**raw["teacher"]["config"], "stages": 2, "channels": 16})
+    raw["measure"] = {"runtime": "torch"}  # the export's rebuilding paths (torch's int8 kinds included); onnxruntime: below
     for key in sorted({k for pinned in TRIALS.values() for k in pinned} - {"student.family"}):
         values = list(dict.fromkeys(p[key] for p in TRIALS.values() if key in p))
         *path, name = key.split(".")
@@ -220,6 +221,9 @@ def test_float_student_exports_to_onnx_and_pt2_with_parity_and_registers(store, 
     assert card["rule"]["limits"] == {} and card["versions"]["onnxruntime"] != "not installed"
     assert (folder / "student.pt").read_bytes() == Path(store.client.download_artifacts(
         row["run_id"], "student/student.pt", str(tmp_path / "dl"))).read_bytes()
+    # measure.runtime torch ships student.pt: the export copies it (the onnx and pt2 are built from it)
+    assert files["state_dict"]["shipped"] and files["state_dict"]["sha256"] == row["artifact_sha256"]
+    assert not files["onnx"]["shipped"] and card["runtime"]["name"] == "torch"
 
     # independently of the card: the files, fed raw inputs, against the rebuilt student fed standardised ones
     model = reference_model(store, digits_space, digits_context, "float")
@@ -393,28 +397,56 @@ def test_export_student_is_a_library_call_that_prints_nothing(searched, digits_s
 
 def test_exported_files_take_raw_inputs_in_any_batch_and_score_the_logged_accuracy(searched):
     result, raw = searched.result, searched.data.raw_validation()
-    logged = searched.front[result.trial]["val_acc"]
+    row = searched.front[result.trial]
+    logged, logged_checkpoint = row["val_acc"], row["val_acc_checkpoint"]
     quantized = result.card["compression"]["quantize"] != "none"
     limit = TOLERANCE["int8" if quantized else "float"]["acc_points"] / 100 + 1e-9
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(result.folder / "student.onnx"), providers=["CPUExecutionProvider"])
     from_onnx = lambda x: session.run(None, {"input": x.numpy()})[0]  # noqa: E731
-    program_file = result.folder / ("student.ts" if quantized else "student.pt2")
-    program = torch.jit.load(str(program_file)).eval() if quantized else torch.export.load(str(program_file)).module()
+    # the built-in space ships ONNX (measure.runtime onnxruntime): pt2 and student.pt are the float checkpoint's
+    program_file = result.folder / "student.pt2"
+    program = torch.export.load(str(program_file)).module()
     from_program = lambda x: program(x).detach().numpy()  # noqa: E731
-    for predict in (from_onnx, from_program):
-        assert abs(batched_accuracy(predict, raw, 7) - logged) <= limit
+    for predict, expected in ((from_onnx, logged), (from_program, logged_checkpoint)):
+        assert abs(batched_accuracy(predict, raw, 7) - expected) <= limit
         one, seven = predict(raw.x[:1]), predict(raw.x[:7])
         assert one.shape == (1, 10)
-        if not quantized:  # dynamic int8 quantizes activations per batch: a sample's logits depend on its batch
-            assert np.abs(one - seven[:1]).max() <= 1e-4
+        assert np.abs(one - seven[:1]).max() <= 1e-4  # static scales: a sample's logits do not depend on its batch
     files = {f.format: f for f in result.files}
-    for fmt in ("onnx", "pt2"):
+    for fmt, expected in (("onnx", logged), ("pt2", logged_checkpoint)):
         parity = files[fmt].parity
         assert files[fmt].inputs == parity.inputs == "raw" and set(parity.max_abs_diff_by_batch) == {"1", "7", "64"}
-        assert parity.logged_val_acc == logged and parity.logged_diff_points <= limit * 100
+        assert parity.logged_val_acc == expected and parity.logged_diff_points <= limit * 100
     assert files["state_dict"].inputs == "preprocessed"  # the trial's checkpoint: the student alone
+
+
+def test_the_exported_onnx_is_the_file_the_trial_measured(searched, digits_search, tmp_path):
+    """What you measure is what you ship: every complete trial of an onnxruntime search logs its
+    student.onnx and its runtime; the export copies the chosen one byte for byte, and that file
+    scores on the validation data exactly the accuracy the trial logged."""
+    from kdsearch.search.recorder import RUNTIME_TAG
+    from kdsearch.search.tracking import STATUS_TAG, trial_runs
+    from kdsearch.trainers.runtimes import file_sha256, get_runtime
+
+    result, c = searched.result, searched.client
+    row = searched.front[result.trial]
+    logged = Path(c.download_artifacts(row["run_id"], "student/student.onnx", str(tmp_path)))
+    exported = result.folder / "student.onnx"
+    assert file_sha256(exported) == file_sha256(logged) == row["artifact_sha256"]
+    onnx_entry = next(f for f in result.card["files"] if f["format"] == "onnx")
+    assert onnx_entry["shipped"] and onnx_entry["sha256"] == onnx_entry["logged_sha256"] == row["artifact_sha256"]
+    assert result.card["runtime"]["name"] == "onnxruntime" and result.card["runtime"]["shipped"]["sha256"] == row["artifact_sha256"]
+    runtime = get_runtime("onnxruntime")
+    assert runtime.accuracy(runtime.load(exported), searched.data) == row["val_acc"]
+    assert row["size_bytes"] == exported.stat().st_size and row["runtime"] == "onnxruntime"
+    runs = trial_runs(c, c.get_run(digits_search["result"].parent_run_id))
+    assert runs and all(r.data.tags.get(RUNTIME_TAG) == "onnxruntime" for r in runs)
+    for run in runs:
+        if run.data.tags.get(STATUS_TAG) == "complete":
+            assert {a.path for a in c.list_artifacts(run.info.run_id, "student")} == {"student/student.onnx",
+                                                                                      "student/student.pt"}
 
 
 @pytest.mark.filterwarnings("ignore:.*looks like a TorchScript archive")  # how MLflow loads an int8 (traced) student
@@ -437,7 +469,9 @@ def test_front_models_are_named_after_their_trial_and_take_raw_batches(searched,
             assert model(raw.x[:7]).shape == (7, 10) and model(raw.x[:1]).shape == (1, 10)
             acc = batched_accuracy(lambda x: model(x).numpy(), raw, 7)
         quantized = row["config"]["compress.quantize"] != "none"
-        assert abs(acc - row["val_acc"]) <= TOLERANCE["int8" if quantized else "float"]["acc_points"] / 100 + 1e-9
+        # the front's MLflow models are the torch checkpoint (float under onnxruntime, whose int8 is its own)
+        expected = row.get("val_acc_checkpoint", row["val_acc"])
+        assert abs(acc - expected) <= TOLERANCE["int8" if quantized else "float"]["acc_points"] / 100 + 1e-9
         info = mlflow.models.get_model_info(uri)
         assert tuple(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 1, 8, 8)
         card = info.metadata[CARD_KEY]

@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-from conftest import ROOT
 from kdsearch.search.interrupts import Interrupted, exit_code, sigterm_as_sigint
 
 unix_only = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")

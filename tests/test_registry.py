@@ -207,6 +207,7 @@ def small_space(**compress) -> dict:
     raw["distill"]["hint_stages"] = "none"
     raw["train"]["batch_size"] = 64
     raw["compress"] = {"prune_ratio": 0.0, "finetune_epochs": 1, "calib_batches": 8, **compress}
+    raw["measure"] = {"runtime": "torch"}  # a user's quantizer is a torch.ao one (Quantizer subclass)
     return raw
 
 

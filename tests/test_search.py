@@ -70,7 +70,7 @@ def test_search_logs_one_parent_and_a_nested_run_per_trial(digits_search, logged
     c, parent, runs = logged
     assert parent.info.run_id == digits_search["result"].parent_run_id
     assert parent.data.tags[ROLE_TAG] == "search" and parent.info.status == "FINISHED"
-    assert parent.data.params["searcher"] == "nsga2" and parent.data.params["scheduler"] == "asha"
+    assert parent.data.params["searcher"] == "mf-gp" and parent.data.params["scheduler"] == "asha"
     assert len(runs) == 6
     statuses = [r.data.tags[STATUS_TAG] for r in runs]
     assert set(statuses) <= {"complete", "pruned", "failed"} and "complete" in statuses

@@ -61,22 +61,24 @@ def test_reports_inside_epochs_come_at_the_asked_progress(digits_space, digits_c
 
 
 def test_latency_is_measured_once_before_training_on_the_shipped_structure(digits_space, digits_context, tmp_path):
-    from kdsearch.trainers.checkpoint import load_student
-    from kdsearch.trainers.measure import measure_latency
+    import onnx
 
     measured, reports = [], []
 
-    def latency_fn(model, example, artifact):
-        measured.append((len(reports), {k: tuple(v.shape) for k, v in model.state_dict().items() if hasattr(v, "shape")}))
-        return measure_latency(model, example, runs=30, warmup=3)
+    def shapes(path):
+        return sorted((t.data_type, tuple(t.dims)) for t in onnx.load(str(path)).graph.initializer)
+
+    def latency_fn(deployed, example, batch_size):
+        measured.append((len(reports), shapes(deployed.path)))
+        return deployed.runtime.latency(deployed, example, batch_size)
 
     config = params(digits_space, {**SMALL_CNN, "compress.prune_ratio": 0.5, "compress.quantize": "static_int8"})
-    resolved = digits_space.resolve(config)
-    run_trial(digits_space, config, lambda m, state=None: reports.append(m), context=digits_context, epochs=2,
-              artifact_dir=tmp_path, latency_fn=latency_fn)
+    result = run_trial(digits_space, config, lambda m, state=None: reports.append(m), context=digits_context, epochs=2,
+                       artifact_dir=tmp_path, latency_fn=latency_fn)
     assert [when for when, _ in measured] == [0]  # once, before the first epoch
-    shipped, _ = load_student(tmp_path / "student.pt", lambda: digits_space.build_student(resolved, (1, 8, 8), 10))
-    assert measured[0][1] == {k: tuple(v.shape) for k, v in shipped.state_dict().items() if hasattr(v, "shape")}
+    # the untrained copy went through the same pruning, export and int8 as the shipped file: the same graph
+    assert result["runtime"] == "onnxruntime" and result["artifact"] == "student.onnx"
+    assert measured[0][1] == shapes(tmp_path / "student.onnx")
 
 
 def test_feature_hints_train_with_adapters(digits_space, digits_context):
@@ -157,13 +159,14 @@ def test_teacher_with_wrong_classes_is_refused_before_training(tmp_path, monkeyp
 
 def test_trial_cli_prints_summary_and_json_last_line(digits_context):
     proc = subprocess.run([sys.executable, "-m", "kdsearch.search.cli", "trial", "--seed", "0", "--epochs", "2",
-                           "--params", json.dumps({"student.family": "mlp", "compress.quantize": "dynamic_int8"})],
+                           "--params", json.dumps({"student.family": "mlp", "compress.quantize": "static_int8"})],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     last = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("val_acc", "params", "macs", "size_bytes", "latency_ms", "latency_iqr_ms", "train_seconds", "config"):
         assert key in last
-    assert last["config"]["student.family"] == "mlp" and last["quant_backend"] != "none"
+    assert last["config"]["student.family"] == "mlp" and last["quant_backend"] == "onnxruntime-qdq"
+    assert last["runtime"] == "onnxruntime" and last["artifact"] == "student.onnx"
     assert "Traceback" not in proc.stderr and "Warning" not in proc.stderr
 
 

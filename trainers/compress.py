@@ -37,6 +37,7 @@ __all__ = [
     "prune_student",
     "recalibrate_batchnorm",
     "register_criterion",
+    "ShapeOnlyImportance",
 ]
 
 
@@ -72,6 +73,16 @@ def _l2() -> Any:
 def _taylor() -> Any:
     """First-order Taylor |weight x gradient| on one KD batch."""
     return tp.importance.TaylorImportance()
+
+
+class ShapeOnlyImportance(tp.importance.MagnitudeImportance):
+    """Ranks channels by position, for models on the meta device (shapes, no values): L1 picks the
+    groups, and per-layer pruning removes the same number of channels whatever the ranking, so
+    the pruned structure is the one any criterion gives a real copy (``expected_footprint``)."""
+
+    def __call__(self, group: Any) -> Optional[torch.Tensor]:
+        scores = super().__call__(group)  # meta scores: the group's channel count, or None to skip it
+        return None if scores is None else torch.arange(len(scores), 0, -1, dtype=torch.float32)
 
 
 def _needs_gradients(factory: Any, importance: Any) -> bool:
@@ -136,7 +147,7 @@ def _clamped_ratios(model: nn.Module, ratio: float, ignored: nn.Module) -> dict[
     return ratios
 
 
-def prune_student(model: nn.Module, ratio: float, criterion: str, example: torch.Tensor,
+def prune_student(model: nn.Module, ratio: float, criterion: str | Callable[[], Any], example: torch.Tensor,
                   loss_fn: Optional[LossFn] = None) -> nn.Module:
     """Remove ``ratio`` of the channels (conv) or hidden units (MLP) of every prunable layer.
 
@@ -149,14 +160,15 @@ def prune_student(model: nn.Module, ratio: float, criterion: str, example: torch
     ``criterion`` ranks channels, a :data:`PRUNERS` name or ``module:attr`` ref: ``l1``/``l2``
     weight magnitude, or ``taylor`` (|weight x gradient|), which (like any criterion that
     needs gradients) needs ``loss_fn(model) -> loss`` on a batch; it is called once with the
-    model in eval mode and the gradients it leaves are cleared afterwards.
+    model in eval mode and the gradients it leaves are cleared afterwards. An importance
+    factory itself is taken too (:class:`ShapeOnlyImportance` for a model on the meta device).
 
     The parameters are new tensors afterwards: build optimisers after pruning. The model's
     train/eval mode is preserved (Torch-Pruning's tracing leaves models in eval mode).
     """
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"prune ratio must be in [0, 1), got {ratio}")
-    factory = PRUNERS.get(criterion, "compress.prune_criterion")
+    factory = criterion if callable(criterion) else PRUNERS.get(criterion, "compress.prune_criterion")
     if ratio == 0.0:
         return model
     importance = factory()

@@ -12,10 +12,12 @@ import hashlib
 import logging
 import inspect
 import json
+import math
 import os
 import pickle
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -146,7 +148,29 @@ class DataBundle:
         }
 
 
+@dataclass(frozen=True)
+class DataSummary:
+    """What a probe of ``data`` learns without building the bundle (:func:`probe_data`)."""
+
+    source: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    train_samples: int
+    val_samples: int
+
+    @classmethod
+    def of(cls, bundle: DataBundle, source: str) -> "DataSummary":
+        return cls(source, tuple(bundle.input_shape), bundle.num_classes, len(bundle.train), len(bundle.val))  # type: ignore[arg-type]
+
+    def describe(self) -> str:
+        """One line, as ``kdsearch validate`` prints it."""
+        shape = "x".join(map(str, self.input_shape))
+        return (f"data: {self.source}, inputs {shape}, {self.num_classes} classes, "
+                f"{self.train_samples:,} training and {self.val_samples:,} validation samples")
+
+
 Loader = Callable[[DataConfig], DataBundle]
+Prober = Callable[[DataConfig], DataSummary]
 
 
 def register_source(name: str) -> Callable[[Loader], Loader]:
@@ -163,15 +187,46 @@ def load_data(config: DataConfig) -> DataBundle:
 
     A ``module:attr`` source is called as ``attr(**config.options)``; see :func:`load_user_source`.
     """
-    if is_ref(config.source):
-        return load_user_source(config)
-    return SOURCES.get(config.source, "data.source")(config)
+    field = "data.source" if is_ref(config.source) else "data"
+    bundle = load_user_source(config) if is_ref(config.source) else SOURCES.get(config.source, "data.source")(config)
+    check_bundle(bundle, field)
+    return bundle
+
+
+def probe_data(config: DataConfig) -> DataSummary:
+    """The checks :func:`load_data` makes, done as cheaply as the source allows.
+
+    The npz, cifar10 and image_folder loaders have a probe that reads headers, labels and a
+    streamed pass over the inputs, and never builds the bundle; any other source (digits,
+    mnist, a ``module:attr`` or a user-registered loader) is loaded once and summarised, so
+    a ``module:attr`` source's code runs here.
+    """
+    loader = None if is_ref(config.source) else SOURCES.get(config.source, "data.source")
+    prober = _PROBES.get(loader) if loader is not None else None  # type: ignore[arg-type]
+    return prober(config) if prober is not None else DataSummary.of(load_data(config), config.source)
+
+
+def check_bundle(bundle: DataBundle, field: str = "data") -> None:
+    """What every bundle must hold, whatever its source: two classes or more, and in-memory labels
+    inside ``0..num_classes - 1`` (a label past the head would fail deep in cross-entropy)."""
+    if bundle.num_classes < 2:
+        raise SpaceError(field, f"the {bundle.name or 'data'} has {bundle.num_classes} class", "give samples of at least two classes")
+    for split, ds in (("training", bundle.train), ("validation", bundle.val)):
+        if isinstance(ds, TensorData) and len(ds) and int(ds.y.max()) >= bundle.num_classes:
+            raise SpaceError(field, f"{split} labels reach {int(ds.y.max())} but the data declares {bundle.num_classes} classes",
+                             f"use labels 0..{bundle.num_classes - 1}, or declare num_classes to match")
+
+
+def split_sizes(n: int, val_fraction: float) -> tuple[int, int]:
+    """How many of ``n`` samples :func:`split_indices` keeps for training and for validation."""
+    n_val = max(1, int(round(n * val_fraction)))
+    return n - n_val, n_val
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded, deterministic train/validation split of ``range(n)``."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, int(round(n * val_fraction)))
+    n_val = split_sizes(n, val_fraction)[1]
     return order[n_val:], order[:n_val]
 
 
@@ -186,6 +241,51 @@ def hash_arrays(*arrays: np.ndarray | torch.Tensor) -> str:
 
 #: a standardised input beyond this many standard deviations is reported (with the sample count)
 OUTLIER_Z = 50.0
+
+
+def count_non_finite(x: np.ndarray | torch.Tensor) -> int:
+    """How many samples (rows of ``x``) hold a NaN or an infinity once stored as float32, as models see them
+    (a float64 1e300 is infinite there)."""
+    x = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if x.dtype.kind not in "fc" or not len(x):
+        return 0  # integers and booleans are always finite
+    with np.errstate(over="ignore"):
+        finite = np.isfinite(x.reshape(len(x), -1).astype(np.float32, copy=False))
+    return int((~finite).any(axis=1).sum())
+
+
+def check_finite(broken: int, total: int, what: str, field: str) -> None:
+    """One error for non-finite inputs, with the count (from :func:`count_non_finite`)."""
+    if broken:
+        raise SpaceError(field, f"{broken} of {total} {what} hold NaN or infinite values",
+                         "drop or repair those samples before the search")
+
+
+def count_classes(labels: Sequence[tuple[str, np.ndarray]], field: str = "data.path") -> int:
+    """The number of classes K (max label + 1) of checked labels ``[(key, y), ...]``, training first.
+
+    Refuses labels a classifier cannot use: a single class in training, or class indices that
+    skip values (K would count classes with no sample at all, as 1-based or sparse ids do).
+
+    >>> count_classes([("y_train", np.array([0, 1, 2, 1]))])
+    3
+    >>> count_classes([("y_train", np.array([0, 1])), ("y_val", np.array([9]))])
+    Traceback (most recent call last):
+    ...
+    kdsearch.spaces.errors.SpaceError: data.path: labels reach 9 but 7 of the classes 0..9 have no sample (2, 3, 4, ...); fix: number the classes 0..K-1 without gaps (1-based labels: subtract 1)
+    """
+    (train_key, y_train), *_ = labels
+    train_classes = np.unique(y_train)
+    if len(train_classes) < 2:
+        raise SpaceError(field, f"{train_key} holds a single class ({int(train_classes[0])})", "give samples of at least two classes")
+    present = np.unique(np.concatenate([y for _, y in labels]))
+    classes = int(present[-1]) + 1
+    if len(present) < classes:
+        missing = np.setdiff1d(np.arange(classes), present)
+        shown = ", ".join(str(int(c)) for c in missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise SpaceError(field, f"labels reach {classes - 1} but {len(missing)} of the classes 0..{classes - 1} have no sample ({shown})",
+                         "number the classes 0..K-1 without gaps (1-based labels: subtract 1)")
+    return classes
 
 
 def in_memory_bundle(x: np.ndarray, y: np.ndarray, config: DataConfig, name: str,
@@ -210,10 +310,7 @@ def in_memory_bundle(x: np.ndarray, y: np.ndarray, config: DataConfig, name: str
         if x_va.ndim == 3:
             x_va = x_va.unsqueeze(1)
     for inputs, split in ((x_tr, "training"), (x_va, "validation")):
-        broken = int((~torch.isfinite(inputs.reshape(len(inputs), -1))).any(1).sum())
-        if broken:
-            raise SpaceError("data", f"{broken} of {len(inputs)} {split} samples hold NaN or infinite values",
-                             "drop or repair those samples before the search")
+        check_finite(count_non_finite(inputs), len(inputs), f"{split} samples", "data")
     raw_va = x_va
     if scale != 1.0:  # the same float32 division the loaders did in numpy before
         x_tr, x_va = x_tr / scale, x_va / scale
@@ -354,17 +451,34 @@ def _raw_inputs(x: Any, key: str, layout: Optional[str], field: str) -> tuple[np
     """:func:`as_inputs` without the scaling: float32 values as stored, and whether they are
     uint8 images (which :func:`as_inputs` divides by 255)."""
     x = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    if x.dtype.kind not in "uifb":
-        raise SpaceError(field, f"{key} has dtype {x.dtype}", "store numeric arrays")
+    sample_shape(x.shape, x.dtype, key, layout, field)  # the checks, shared with the probes
     if x.ndim == 3:
         x = x[:, None]
-    elif x.ndim == 4:
-        if (layout or _guess_layout(x.shape, key, field)) == "nhwc":
-            x = x.transpose(0, 3, 1, 2)
-    elif x.ndim != 2:
-        raise SpaceError(field, f"{key} has shape {x.shape}", "store (N, F) features or (N, H, W), (N, C, H, W), (N, H, W, C) images")
+    elif x.ndim == 4 and (layout or _guess_layout(x.shape, key, field)) == "nhwc":
+        x = x.transpose(0, 3, 1, 2)
     scale = x.dtype == np.uint8 and x.ndim == 4
     return np.ascontiguousarray(x, dtype=np.float32), bool(scale)
+
+
+def sample_shape(shape: Sequence[int], dtype: np.dtype, key: str, layout: Optional[str], field: str = "data.path") -> tuple[int, ...]:
+    """The model input shape of one sample of an array ``key`` of ``shape`` and ``dtype``: (F,) features or
+    (C, H, W) images (what :func:`as_inputs` makes of it), read from the shape alone.
+
+    >>> sample_shape((50, 28, 28), np.dtype("uint8"), "x_train", None)
+    (1, 28, 28)
+    >>> sample_shape((50, 32, 32, 3), np.dtype("uint8"), "x_train", None)
+    (3, 32, 32)
+    """
+    if dtype.kind not in "uifb":
+        raise SpaceError(field, f"{key} has dtype {dtype}", "store numeric arrays")
+    shape = tuple(int(n) for n in shape)
+    if len(shape) == 2:
+        return shape[1:]
+    if len(shape) == 3:
+        return (1, *shape[1:])
+    if len(shape) == 4:
+        return shape[1:] if (layout or _guess_layout(shape, key, field)) == "nchw" else (shape[3], shape[1], shape[2])
+    raise SpaceError(field, f"{key} has shape {shape}", "store (N, F) features or (N, H, W), (N, C, H, W), (N, H, W, C) images")
 
 
 def _layout_option(config: DataConfig) -> Optional[str]:
@@ -380,11 +494,28 @@ def _checked_pair(x: Any, y: Any, xkey: str, ykey: str, layout: Optional[str],
     """Raw inputs (not yet scaled, see :func:`_raw_inputs`), labels and whether the inputs are
     uint8 images of one split, converted and checked to have the same non-zero length."""
     (x, scale), y = _raw_inputs(x, xkey, layout, field), as_labels(y, ykey, field)
-    if len(x) != len(y):
-        raise SpaceError(field, f"{xkey} has {len(x)} rows but {ykey} has {len(y)}", "give one label per sample")
-    if len(x) == 0:
-        raise SpaceError(field, f"{xkey} is empty", "give at least one sample")
+    check_lengths(len(x), len(y), xkey, ykey, field)
     return x, y, scale
+
+
+def check_lengths(n_inputs: int, n_labels: int, xkey: str, ykey: str, field: str = "data.path") -> None:
+    """One label per sample, and at least one sample."""
+    if n_inputs != n_labels:
+        raise SpaceError(field, f"{xkey} has {n_inputs} rows but {ykey} has {n_labels}", "give one label per sample")
+    if n_inputs == 0:
+        raise SpaceError(field, f"{xkey} is empty", "give at least one sample")
+
+
+def check_splittable(n: int, key: str, field: str = "data.path") -> None:
+    if n < 2:
+        raise SpaceError(field, f"{key} has {n} sample, too few to split", "give at least 2 samples")
+
+
+def check_same_samples(val_shape: tuple[int, ...], train_shape: tuple[int, ...], val_key: str, train_key: str,
+                       field: str = "data.path") -> None:
+    if val_shape != train_shape:
+        raise SpaceError(field, f"{val_key} samples have shape {val_shape} but {train_key} {train_shape}",
+                         "store both splits with the same sample shape and layout")
 
 
 def _arrays_bundle(train: tuple[Any, Any], val: Optional[tuple[Any, Any]], config: DataConfig, name: str,
@@ -402,13 +533,12 @@ def _arrays_bundle(train: tuple[Any, Any], val: Optional[tuple[Any, Any]], confi
     x, y, scaled = _checked_pair(*train, keys[0], keys[1], layout, field)
     scale = 255.0 if scaled else 1.0
     if val is None:
-        if len(x) < 2:
-            raise SpaceError(field, f"{keys[0]} has {len(x)} sample, too few to split", "give at least 2 samples")
+        check_splittable(len(x), keys[0], field)
+        count_classes([(keys[1], y)], field)
         return in_memory_bundle(x, y, config, name, scale=scale)
     x_va, y_va, val_scaled = _checked_pair(*val, keys[2], keys[3], layout, field)
-    if x_va.shape[1:] != x.shape[1:]:
-        raise SpaceError(field, f"{keys[2]} samples have shape {x_va.shape[1:]} but {keys[0]} {x.shape[1:]}",
-                         "store both splits with the same sample shape and layout")
+    check_same_samples(tuple(x_va.shape[1:]), tuple(x.shape[1:]), keys[2], keys[0], field)
+    count_classes([(keys[1], y), (keys[3], y_va)], field)
     if val_scaled and not scaled:  # val is scaled to [0, 1] by itself, as as_inputs does
         x_va /= 255.0
     elif scaled and not val_scaled:  # val is already in [0, 1] units: express it in pixel units
@@ -419,6 +549,94 @@ def _arrays_bundle(train: tuple[Any, Any], val: Optional[tuple[Any, Any]], confi
 # --------------------------------------------------------------------------- npz
 
 NPZ_KEYS = ("x_train", "y_train", "x_val", "y_val")
+NPZ_FIX = "save it with numpy.savez(path, x_train=..., y_train=...)"
+#: the finite-values probe reads an npz member this many bytes at a time (memory stays flat on large files)
+PROBE_CHUNK_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class NpyHeader:
+    """An array of a ``.npz`` archive as its header describes it (nothing loaded)."""
+
+    member: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran_order: bool
+
+
+def _read_npy_header(stream: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(stream)
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in readers:
+        raise ValueError(f"unsupported .npy format version {version}")
+    return readers[version](stream)
+
+
+def npz_headers(path: Path) -> dict[str, NpyHeader]:
+    """The arrays of the ``.npz`` at ``path`` by key, read from their headers: safe on any file.
+
+    An object array (which only pickle can read) is refused here, naming its key; so are a
+    file that is no zip archive (a truncated download, a lone ``.npy``) and the npz keys'
+    rules (``x_train`` and ``y_train``; ``x_val`` and ``y_val`` both or neither).
+    """
+    try:
+        with open(path, "rb") as f:
+            lone_npy = f.read(6) == b"\x93NUMPY"
+        if lone_npy:
+            raise SpaceError("data.path", f"{path.name} holds one array, not a .npz archive", NPZ_FIX)
+        headers = {}
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.namelist():
+                if member.endswith(".npy"):
+                    with archive.open(member) as stream:
+                        shape, fortran, dtype = _read_npy_header(stream)
+                    headers[member[:-4]] = NpyHeader(member, tuple(shape), dtype, fortran)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise SpaceError("data.path", f"cannot read {path.name} as .npz ({exc})", NPZ_FIX) from None
+    missing = [k for k in NPZ_KEYS[:2] if k not in headers]
+    if missing:
+        raise SpaceError("data.path", f"{path.name} lacks {', '.join(missing)} (has {', '.join(headers) or 'nothing'})",
+                         "save x_train and y_train (optionally x_val and y_val) with numpy.savez")
+    has_val = [k for k in NPZ_KEYS[2:] if k in headers]
+    if len(has_val) == 1:
+        raise SpaceError("data.path", f"{path.name} has {has_val[0]} without its partner", "save both x_val and y_val, or neither")
+    for key in NPZ_KEYS:
+        if key in headers and headers[key].dtype.hasobject:
+            raise SpaceError("data.path", f"{path.name}: {key} is an object array, which only pickle can read (never done here)",
+                             "save plain numeric arrays, e.g. np.asarray(x, dtype=np.float32)")
+    return {k: headers[k] for k in NPZ_KEYS if k in headers}
+
+
+def _read_npz(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of an npz (checked by :func:`npz_headers`), read without pickle."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {k: archive[k] for k in keys}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # a damaged member
+        raise SpaceError("data.path", f"cannot read {path.name} ({exc})", NPZ_FIX) from None
+
+
+def _npz_non_finite(path: Path, header: NpyHeader) -> int:
+    """:func:`count_non_finite` of one npz array, streamed ``PROBE_CHUNK_BYTES`` at a time."""
+    if header.dtype.kind != "f" or not header.shape or not header.shape[0]:
+        return 0
+    if header.fortran_order:  # samples are not contiguous: read it whole
+        return count_non_finite(_read_npz(path, [header.member[:-4]])[header.member[:-4]])
+    row_items = math.prod(header.shape[1:])
+    rows_per_chunk = max(1, PROBE_CHUNK_BYTES // max(1, row_items * header.dtype.itemsize))
+    broken = 0
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open(header.member) as stream:
+            _read_npy_header(stream)
+            for start in range(0, header.shape[0], rows_per_chunk):
+                rows = min(rows_per_chunk, header.shape[0] - start)
+                chunk = stream.read(rows * row_items * header.dtype.itemsize)
+                if len(chunk) != rows * row_items * header.dtype.itemsize:
+                    raise EOFError(f"{header.member} ends early")
+                broken += count_non_finite(np.frombuffer(chunk, header.dtype).reshape(rows, row_items))
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise SpaceError("data.path", f"cannot read {path.name} ({exc})", NPZ_FIX) from None
+    return broken
 
 
 @register_source("npz")
@@ -431,30 +649,41 @@ def load_npz(config: DataConfig) -> DataBundle:
     (N, H, W), (N, C, H, W) or (N, H, W, C), uint8 or float; the channel axis is the one of size
     1, 3 or 4 (set ``data.options.layout: nchw|nhwc`` when that is ambiguous). uint8 images are
     scaled to [0, 1], then everything is standardised per channel (per feature for vectors) with
-    training statistics. Labels are (N,) integer class indices 0..K-1.
+    training statistics. Labels are (N,) integer class indices 0..K-1, each class present.
     """
-    what = "a .npz file with x_train and y_train"
-    path = _data_path(config, what, is_dir=False)
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise SpaceError("data.path", f"cannot read {path.name} as .npz ({exc})", "save it with numpy.savez(path, x_train=..., y_train=...)") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise SpaceError("data.path", f"{path.name} holds one array, not a .npz archive", "save it with numpy.savez(path, x_train=..., y_train=...)")
-    with archive:
-        missing = [k for k in NPZ_KEYS[:2] if k not in archive.files]
-        if missing:
-            raise SpaceError("data.path", f"{path.name} lacks {', '.join(missing)} (has {', '.join(archive.files) or 'nothing'})",
-                             "save x_train and y_train (optionally x_val and y_val) with numpy.savez")
-        has_val = [k for k in NPZ_KEYS[2:] if k in archive.files]
-        if len(has_val) == 1:
-            raise SpaceError("data.path", f"{path.name} has {has_val[0]} without its partner", "save both x_val and y_val, or neither")
-        try:
-            arrays = {k: archive[k] for k in NPZ_KEYS if k in archive.files}
-        except ValueError as exc:  # object arrays need pickle, which stays off
-            raise SpaceError("data.path", f"cannot read {path.name} ({exc})", "save plain numeric arrays") from None
-    val = (arrays["x_val"], arrays["y_val"]) if has_val else None
+    path = _data_path(config, "a .npz file with x_train and y_train", is_dir=False)
+    headers = npz_headers(path)
+    arrays = _read_npz(path, list(headers))
+    val = (arrays["x_val"], arrays["y_val"]) if "x_val" in arrays else None
     return _arrays_bundle((arrays["x_train"], arrays["y_train"]), val, config, "npz", NPZ_KEYS)
+
+
+def probe_npz(config: DataConfig) -> DataSummary:
+    """:func:`load_npz`'s checks from the headers, the labels and a streamed pass over float inputs,
+    without building the bundle: memory stays at one chunk whatever the file's size."""
+    path = _data_path(config, "a .npz file with x_train and y_train", is_dir=False)
+    headers = npz_headers(path)
+    layout = _layout_option(config)
+    x_train = headers["x_train"]
+    if layout is None and len(x_train.shape) == 4:
+        layout = _guess_layout(x_train.shape, "x_train", "data.path")  # decided once, as the loader does
+    labels = _read_npz(path, [k for k in ("y_train", "y_val") if k in headers])
+    splits = [("x_train", "y_train")] + ([("x_val", "y_val")] if "x_val" in headers else [])
+    shapes, checked = [], []
+    for xkey, ykey in splits:
+        x = headers[xkey]
+        shapes.append(sample_shape(x.shape, x.dtype, xkey, layout))
+        y = as_labels(labels[ykey], ykey)
+        check_lengths(x.shape[0] if x.shape else 0, len(y), xkey, ykey)
+        check_finite(_npz_non_finite(path, x), x.shape[0], f"{xkey} samples", "data.path")
+        checked.append((ykey, y))
+    if len(splits) == 1:
+        check_splittable(x_train.shape[0], "x_train")
+        n_train, n_val = split_sizes(x_train.shape[0], config.val_fraction)
+    else:
+        check_same_samples(shapes[1], shapes[0], "x_val", "x_train")
+        n_train, n_val = x_train.shape[0], headers["x_val"].shape[0]
+    return DataSummary("npz", shapes[0], count_classes(checked), n_train, n_val)
 
 
 # --------------------------------------------------------------------------- cifar10
@@ -476,12 +705,31 @@ def _cifar_folder(config: DataConfig) -> Path:
     return root
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """An unpickler that builds numpy arrays and plain containers only: a pickle naming any other
+    global (``os.system``, a class of some package) is refused instead of run."""
+
+    ALLOWED = frozenset({("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                         ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                         ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")})
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused as unsafe: it names {module}.{name}, not only arrays")
+        return super().find_class(module, name)
+
+
 def _cifar_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
-    """One CIFAR-10 python batch: uint8 images (N, 3, 32, 32) and labels (N,)."""
+    """One CIFAR-10 python batch: uint8 images (N, 3, 32, 32) and labels (N,).
+
+    The official format is a pickle; it is read by :class:`_ArrayUnpickler`, which builds
+    arrays, dicts, lists and bytes and nothing else, so a batch file cannot run code. Still,
+    point ``data.path`` at files you trust: the format offers no integrity check.
+    """
     try:
         with open(file, "rb") as f:
-            entry = pickle.load(f, encoding="bytes")  # the official format; trusted files only
-    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ValueError, TypeError) as exc:
+            entry = _ArrayUnpickler(f, encoding="bytes").load()
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ValueError, TypeError, IndexError) as exc:
         raise SpaceError("data.path", f"cannot read {file.name} ({type(exc).__name__}: {exc})",
                          "re-extract cifar-10-python.tar.gz") from None
     if not isinstance(entry, dict):
@@ -495,6 +743,15 @@ def _cifar_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
         raise SpaceError("data.path", f"{file.name} has data of shape {data.shape} for {len(labels)} labels",
                          "re-extract cifar-10-python.tar.gz")
     return data.reshape(-1, 3, 32, 32), as_labels(np.asarray(labels), f"{file.name} labels")
+
+
+def probe_cifar10(config: DataConfig) -> DataSummary:
+    """:func:`load_cifar10`'s checks on every batch file, without building the bundle."""
+    root = _cifar_folder(config)
+    parts = [_cifar_batch(root / f) for f in (*CIFAR10_TRAIN, CIFAR10_VAL)]
+    y_train = np.concatenate([y for _, y in parts[:-1]])
+    classes = count_classes([("training labels", y_train), (f"{CIFAR10_VAL} labels", parts[-1][1])])
+    return DataSummary("cifar10", (3, 32, 32), classes, len(y_train), len(parts[-1][1]))
 
 
 @register_source("cifar10")
@@ -512,6 +769,7 @@ def load_cifar10(config: DataConfig) -> DataBundle:
     x_va, y_va = _cifar_batch(root / CIFAR10_VAL)
     x = np.concatenate([p[0] for p in parts]).astype(np.float32)
     y = np.concatenate([p[1] for p in parts])
+    count_classes([("training labels", y), (f"{CIFAR10_VAL} labels", y_va)])
     # raw uint8 pixel values; in_memory_bundle divides by 255 (and records it) before standardising
     return in_memory_bundle(x, y, config, "cifar10", val=(x_va.astype(np.float32), y_va), scale=255.0)
 
@@ -536,6 +794,9 @@ def list_image_folder(root: Path) -> tuple[list[str], list[Path], list[int]]:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise SpaceError("data.path", f"{str(root)!r} has no class subfolders", "put each class's images in its own subfolder of data.path")
+    if len(classes) < 2:
+        raise SpaceError("data.path", f"{str(root)!r} has a single class folder ({classes[0]!r})",
+                         "give a subfolder of images for each of at least two classes")
     files: list[Path] = []
     labels: list[int] = []
     for index, name in enumerate(classes):
@@ -659,6 +920,23 @@ def _folder_fingerprint(root: Path, files: Sequence[Path], config: DataConfig, m
     return digest.hexdigest()[:16]
 
 
+def _scan_folder(config: DataConfig) -> tuple[Path, list[str], list[Path], list[int], str, tuple[int, int]]:
+    """The folder's classes, files, labels, common mode and target size, all checked (headers only)."""
+    root = _data_path(config, "a folder with one subfolder of images per class", is_dir=True)
+    classes, files, labels = list_image_folder(root)
+    mode, sizes = _scan_images(files)
+    size = _target_size(config, root, sizes)
+    check_splittable(len(files), f"{str(root)!r}")
+    return root, classes, files, labels, mode, size
+
+
+def probe_image_folder(config: DataConfig) -> DataSummary:
+    """:func:`load_image_folder`'s checks on the file list and the image headers, nothing decoded."""
+    _, classes, files, _, mode, size = _scan_folder(config)
+    return DataSummary("image_folder", (1 if mode == "L" else 3, size[1], size[0]), len(classes),
+                       *split_sizes(len(files), config.val_fraction))
+
+
 @register_source("image_folder")
 def load_image_folder(config: DataConfig) -> DataBundle:
     """A folder with one subfolder of images per class (class index = sorted folder name).
@@ -670,13 +948,8 @@ def load_image_folder(config: DataConfig) -> DataBundle:
     folders become a lazy :class:`ImageFolderData` standardised with statistics of a seeded
     sample of ``STATS_SAMPLE_SIZE`` training images, fingerprinted by file names, sizes, mtimes.
     """
-    root = _data_path(config, "a folder with one subfolder of images per class", is_dir=True)
-    classes, files, labels = list_image_folder(root)
-    mode, sizes = _scan_images(files)
-    size = _target_size(config, root, sizes)
+    root, classes, files, labels, mode, size = _scan_folder(config)
     channels = 1 if mode == "L" else 3
-    if len(files) < 2:
-        raise SpaceError("data.path", f"{str(root)!r} has only {len(files)} image", "give at least 2 images to split")
     if len(files) <= IN_MEMORY_MAX_IMAGES and len(files) * channels * size[0] * size[1] * 4 <= IN_MEMORY_MAX_BYTES:
         x = np.stack([read_image(f, mode, size) for f in files]).astype(np.float32)
         return in_memory_bundle(x, np.asarray(labels), config, "image_folder", scale=255.0)
@@ -799,3 +1072,7 @@ def load_user_source(config: DataConfig) -> DataBundle:
     except ValueError:
         pass  # no introspectable signature (a builtin): let the call itself decide
     return bundle_from_user(fn(**config.options), config)
+
+
+#: the sources whose checks can run without building their bundle: loader -> probe (see :func:`probe_data`)
+_PROBES: dict[Loader, Prober] = {load_npz: probe_npz, load_cifar10: probe_cifar10, load_image_folder: probe_image_folder}

@@ -1,7 +1,9 @@
-"""Measurement of a student for real: accuracy, parameters, MACs and batch-1 latency.
+"""Measurement of a student for real: accuracy, parameters, MACs and latency.
 
-Latency follows one protocol everywhere so figures compare: batch 1, one thread, inference
-mode, warm-up, then the median and inter-quartile range of at least 30 timed runs.
+Latency follows one protocol everywhere so figures compare, in every runtime
+(:mod:`kdsearch.trainers.runtimes`): one thread, inference mode, warm-up, then the median and
+inter-quartile range of at least 30 timed runs, at ``measure.batch_size`` (default 1) copies of
+one input.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -49,6 +52,10 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
     return counter.get_total_flops() // 2
 
 
+#: the latency protocol's defaults: timed runs, untimed warm-up runs, threads; and the fewest timed runs allowed
+RUNS, WARMUP, THREADS, MIN_RUNS = 50, 10, 1, 30
+
+
 @dataclass(frozen=True)
 class Latency:
     median_ms: float
@@ -57,6 +64,7 @@ class Latency:
     threads: int
     device: str
     cpu_capability: str
+    batch_size: int = 1
 
     def as_metrics(self) -> dict:
         d = asdict(self)
@@ -75,28 +83,38 @@ def device_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def measure_latency(model: nn.Module, example: torch.Tensor, runs: int = 50, warmup: int = 10,
-                    threads: int = 1) -> Latency:
-    """Batch-1 latency of ``model`` on the CPU with the protocol above."""
-    if runs < 30:
-        raise ValueError("latency needs at least 30 timed runs to be comparable")
+def batch_of(example: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``batch_size`` copies of ``example``'s first input: the batch latency is timed on."""
+    return example[:1].expand(batch_size, *example.shape[1:]).contiguous()
+
+
+def time_calls(call: Callable[[], Any], runs: int = RUNS, warmup: int = WARMUP) -> tuple[float, float]:
+    """Median and inter-quartile range in ms of ``runs`` timed calls of ``call`` after ``warmup`` untimed ones."""
+    if runs < MIN_RUNS:
+        raise ValueError(f"latency needs at least {MIN_RUNS} timed runs to be comparable")
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1e3)
+    q1, _, q3 = statistics.quantiles(times, n=4)
+    return statistics.median(times), q3 - q1
+
+
+def measure_latency(model: nn.Module, example: torch.Tensor, runs: int = RUNS, warmup: int = WARMUP,
+                    threads: int = THREADS, batch_size: int = 1) -> Latency:
+    """Latency of ``model`` in PyTorch eager on the CPU with the protocol above."""
     # a fresh copy: quantized kernels keep the shape and threads of their first call (often a
     # batch-512 accuracy pass) and take a slow path for anything else, batch 1 included
     model = copy.deepcopy(model).eval().cpu()
-    x = example[:1].cpu()
+    x = batch_of(example.cpu(), batch_size)
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
-            for _ in range(warmup):
-                model(x)
-            times = []
-            for _ in range(runs):
-                start = time.perf_counter()
-                model(x)
-                times.append((time.perf_counter() - start) * 1e3)
+            median, iqr = time_calls(lambda: model(x), runs, warmup)
     finally:
         torch.set_num_threads(saved_threads)
-    q1, _, q3 = statistics.quantiles(times, n=4)
-    return Latency(statistics.median(times), q3 - q1, runs, threads, device_name(),
-                   torch.backends.cpu.get_cpu_capability())
+    return Latency(median, iqr, runs, threads, device_name(), torch.backends.cpu.get_cpu_capability(), batch_size)

@@ -11,14 +11,19 @@ Teacher outputs on the un-augmented training set are computed once into
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
 import os
+import pickle
+import re
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -72,14 +77,23 @@ def train_builtin_teacher(config: TeacherConfig, data: DataBundle) -> nn.Module:
     return model.eval()
 
 
-def load_teacher(config: TeacherConfig, data: DataBundle) -> nn.Module:
-    """The teacher a space declares, in eval mode; a built-in one is trained once and cached."""
+def teacher_field(index: int, count: int) -> str:
+    """The space-file field of teacher ``index`` of ``count``: ``teacher`` alone, else ``teachers[i]``."""
+    return "teacher" if count == 1 else f"teachers[{index}]"
+
+
+def load_teacher(config: TeacherConfig, data: DataBundle, field: str = "teacher") -> nn.Module:
+    """The teacher a space declares, in eval mode; a built-in one is trained once and cached.
+
+    Every file goes through the safe readers below (:func:`read_exported`, :func:`read_torchscript`,
+    :func:`read_state_dict`): a damaged or unsafe file is one :class:`SpaceError` naming ``field``.
+    """
     if config.family:
         family = get_family(config.family)
         path = cache_dir() / "teachers" / f"{config.family}-{teacher_key(config, data)}.pt"
         model = family.build(family.config.model_validate(config.config), data.input_shape, data.num_classes)
         if path.is_file():
-            model.load_state_dict(torch.load(path, weights_only=True))
+            model.load_state_dict(read_state_dict(path, f"{field}.family", f"delete {path} to train the teacher again"))
             return model.eval()
         log.info("training the %s teacher (%d epochs); cached at %s for later runs", config.family, config.epochs, path)
         model = train_builtin_teacher(config, data)
@@ -89,21 +103,160 @@ def load_teacher(config: TeacherConfig, data: DataBundle) -> nn.Module:
         tmp.replace(path)  # atomic: concurrent trials never read half a file
         return model
     if config.path:
-        path = Path(config.path)
-        if not path.is_file():
-            raise SpaceError("teacher.path", f"no file at {path}", "give the path of a .pt2 or TorchScript teacher")
-        if path.suffix == ".pt2":
-            return torch.export.load(str(path)).module()
-        return torch.jit.load(str(path), map_location="cpu").eval()
-    builder = import_ref(config.module or "", "teacher.module")
-    model = builder()
+        return read_teacher_file(Path(config.path), f"{field}.path")
+    return build_teacher_module(config, field)
+
+
+def read_teacher_file(path: Path, field: str) -> nn.Module:
+    """A ``teacher.path`` file: ``.pt2`` is a torch.export program, anything else TorchScript."""
+    if not path.is_file():
+        raise SpaceError(field, f"no file at {path}", "give the path of a .pt2 or TorchScript teacher")
+    return read_exported(path, field) if path.suffix == ".pt2" else read_torchscript(path, field)
+
+
+def build_teacher_module(config: TeacherConfig, field: str = "teacher") -> nn.Module:
+    """``teacher.module`` called with no arguments, then ``teacher.state_dict`` loaded into it."""
+    builder = import_ref(config.module or "", f"{field}.module")
+    try:
+        model = builder()
+    except Exception as exc:  # the user's code: one line naming the ref, not its traceback
+        raise SpaceError(f"{field}.module", f"{config.module}() failed ({type(exc).__name__}: {one_line(exc)})",
+                         "make it build the teacher when called with no arguments") from None
+    if not isinstance(model, nn.Module):
+        raise SpaceError(f"{field}.module", f"{config.module}() returned a {type(model).__name__}, not a torch.nn.Module",
+                         "return the teacher model")
     if config.state_dict:
+        state = read_state_dict(Path(config.state_dict), f"{field}.state_dict")
         try:
-            state = torch.load(config.state_dict, weights_only=True, map_location="cpu")
-        except FileNotFoundError:
-            raise SpaceError("teacher.state_dict", f"no file at {config.state_dict}", "give the path of a saved state_dict") from None
-        model.load_state_dict(state)
+            model.load_state_dict(state)
+        except RuntimeError as exc:  # missing, unexpected or mis-shaped keys: torch lists them over many lines
+            raise SpaceError(f"{field}.state_dict", f"{config.state_dict} does not fit {config.module}() ({one_line(exc)})",
+                             "save the state_dict of this very architecture") from None
     return model.eval()
+
+
+# --------------------------------------------------------------------------- safe readers
+
+
+def one_line(exc: BaseException, limit: int = 160) -> str:
+    """An exception's message squeezed onto one line (torch's run over several), cut at ``limit`` characters."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _weights_only_everywhere() -> Iterator[None]:
+    """Every ``torch.load`` inside is weights-only, even where the caller asked otherwise
+    (``torch.export.load`` unpickles weights with ``weights_only=False``); torch's own
+    "ran into an error" warning, a traceback in the log, is held back: the error is ours to report."""
+    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    export_log = logging.getLogger("torch.export")
+    level = export_log.level
+    export_log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        export_log.setLevel(level)
+        for key, value in saved.items():
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
+
+
+#: in a .pt2 archive, constants unpickled as arbitrary Python objects (torch's loader runs pickle.loads on them)
+_PT2_PICKLED_OBJECTS = ("data/constants/opaque_obj_", "data/constants/custom_obj_")
+
+
+def read_exported(path: Path, field: str) -> nn.Module:
+    """A ``torch.export.save`` program as a module, read so that it cannot run code.
+
+    ``torch.export.load`` unpickles some payloads in full; here every ``torch.load`` it makes
+    is forced weights-only, and archives holding pickled Python objects are refused before
+    loading. Not a zip (garbage, truncated), not an export, refused: one line each.
+    """
+    fix = "export the teacher with torch.export.save(torch.export.export(model, (example,)), 'teacher.pt2')"
+    if not zipfile.is_zipfile(path):
+        raise SpaceError(field, f"cannot load {path} as a torch.export program (not a zip archive: damaged, truncated "
+                                "or another format)", fix)
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    pickled = [n for n in names if any(marker in n for marker in _PT2_PICKLED_OBJECTS)]
+    if pickled:
+        raise SpaceError(field, f"{path} refused as unsafe: it holds pickled Python objects ({pickled[0]}) that loading "
+                                "would run", "export a teacher whose constants are tensors only")
+    try:
+        with _weights_only_everywhere(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.load(str(path))
+        return program.module()
+    except pickle.UnpicklingError as exc:
+        raise SpaceError(field, f"{path} refused as unsafe: {_unsafe_reason(exc)}", fix) from None
+    except Exception as exc:  # torch raises RuntimeError, KeyError, zipfile and JSON errors alike on bad archives
+        raise SpaceError(field, f"cannot load {path} as a torch.export program ({type(exc).__name__}: {one_line(exc)})",
+                         fix) from None
+
+
+def read_torchscript(path: Path, field: str) -> nn.Module:
+    """A ``torch.jit.save`` file as a module on the CPU, in eval mode.
+
+    TorchScript runs its own compiled code, not Python (its unpickler builds tensors and
+    TorchScript classes only). A ``torch.save`` file (a state_dict) is recognised and pointed
+    at ``teacher.module`` + ``teacher.state_dict``.
+    """
+    fix = "save the teacher with torch.jit.save(torch.jit.script(model), path), or give a .pt2 export"
+    names = _zip_names(path)
+    if names is not None and not any(n.endswith("constants.pkl") for n in names) and any(n.endswith("data.pkl") for n in names):
+        raise SpaceError(field, f"{path} is a torch.save file (a state_dict or pickled model), not TorchScript",
+                         "give its architecture as teacher.module and the file as teacher.state_dict")
+    try:
+        return torch.jit.load(str(path), map_location="cpu").eval()
+    except Exception as exc:
+        raise SpaceError(field, f"cannot load {path} as TorchScript ({type(exc).__name__}: {one_line(exc)})", fix) from None
+
+
+def read_state_dict(path: Path, field: str, fix: str = "") -> dict[str, torch.Tensor]:
+    """A state_dict from ``torch.save`` (read with ``weights_only=True``) or a ``.safetensors`` file.
+
+    A pickle that names anything but tensors and plain containers (``os.system``, a model
+    class) is refused as unsafe, in one line, rather than run.
+    """
+    fix = fix or "save the weights alone: torch.save(model.state_dict(), path) or safetensors.torch.save_file"
+    if not path.is_file():
+        raise SpaceError(field, f"no file at {path}", "give the path of a saved state_dict")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path), device="cpu")
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "received a TorchScript archive": answered below
+                state = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        if "GLOBAL" in str(exc):
+            raise SpaceError(field, f"{path} refused as unsafe: {_unsafe_reason(exc)}", fix) from None
+        raise SpaceError(field, f"cannot read {path} as a state_dict (not a torch.save file, or damaged)", fix) from None
+    except Exception as exc:  # truncated zips, TorchScript archives, safetensors header errors
+        raise SpaceError(field, f"cannot read {path} as a state_dict ({type(exc).__name__}: {one_line(exc)})", fix) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SpaceError(field, f"{path} holds a {type(state).__name__}, not a state_dict of tensors", fix)
+    return state
+
+
+def _unsafe_reason(exc: pickle.UnpicklingError) -> str:
+    """What the weights-only unpickler refused, e.g. ``it names posix.system, not only tensors``."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    what = found.group(1) if found else "Python objects"
+    return f"it names {what}, not only tensors, and loading it in full could run code"
+
+
+def _zip_names(path: Path) -> Optional[list[str]]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return None
 
 
 def teacher_outputs(teacher: nn.Module, x: torch.Tensor, with_features: bool) -> Outputs:
@@ -134,13 +287,29 @@ class TeacherTargets:
 
 
 @torch.no_grad()
-def compute_targets(teacher: nn.Module, data: DataBundle, want_features: bool, description: str = "") -> TeacherTargets:
+def check_outputs(teacher: nn.Module, example: torch.Tensor, num_classes: int, want_features: bool,
+                  field: str = "teacher") -> Outputs:
+    """One forward pass on ``example`` (a batch of one): it must run and give ``(1, num_classes)`` logits."""
+    try:
+        out = teacher_outputs(teacher, example, want_features)
+    except Exception as exc:  # a teacher for other inputs fails inside its own layers
+        raise SpaceError(field, f"running it on one input of shape {tuple(example.shape[1:])} failed "
+                                f"({type(exc).__name__}: {one_line(exc)})",
+                         "give a teacher that takes the data's inputs, exported with a dynamic batch size") from None
+    logits = out.logits
+    shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else f"a {type(logits).__name__}"
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[-1] != num_classes:
+        raise SpaceError(field, f"outputs shape {shape} but the data has {num_classes} classes",
+                         "use a teacher trained for these classes, returning a (batch, classes) tensor")
+    return out
+
+
+@torch.no_grad()
+def compute_targets(teacher: nn.Module, data: DataBundle, want_features: bool, description: str = "",
+                    field: str = "teacher") -> TeacherTargets:
     """Run the teacher once over the training set; check it predicts the data's classes."""
     example = data.train[0][0].unsqueeze(0)
-    probe = teacher_outputs(teacher, example, want_features)
-    if probe.logits.ndim != 2 or probe.logits.shape[-1] != data.num_classes:
-        raise SpaceError("teacher", f"outputs shape {tuple(probe.logits.shape)} but the data has {data.num_classes} classes",
-                         "use a teacher trained for these classes")
+    probe = check_outputs(teacher, example, data.num_classes, want_features, field)
     shapes = [f.shape for f in probe.features]
     if want_features and not hasattr(teacher, "forward_stages"):
         shapes = []

@@ -1,4 +1,4 @@
-"""One distillation trial: distil -> [prune -> KD fine-tune -> quantize] -> measure.
+"""One distillation trial: distil -> [prune -> KD fine-tune -> quantize] -> deployed file -> measure it.
 
 :func:`run_trial` knows nothing of Ray Tune or MLflow: it receives a ``report`` callable,
 so a trial runs the same in a test, in ``kdsearch trial`` and inside a Tune worker. The
@@ -9,6 +9,7 @@ driver builds once and shares across trials.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import tempfile
 import time
@@ -21,30 +22,31 @@ from torch import nn
 
 from kdsearch.spaces import Choice, Fixed, Space, SpaceError, TrialConfig
 from kdsearch.trainers.checkpoint import save_student
-from kdsearch.trainers.compress import prune_student, recalibrate_batchnorm
+from kdsearch.trainers.compress import ShapeOnlyImportance, prune_student, recalibrate_batchnorm
 from kdsearch.trainers.data import DataBundle, batches, load_data
 from kdsearch.trainers.loop import OnFraction, TrialDiverged, cosine_lr, make_optimizer, steps_per_epoch, train_epoch
 from kdsearch.trainers.losses import DistillLoss, Outputs, Teachers, build_distill_loss
-from kdsearch.trainers.measure import Latency, accuracy, count_macs, count_params, measure_latency
-from kdsearch.trainers.quantize import get_quantizer
-from kdsearch.trainers.teachers import TeacherTargets, compute_targets, load_teacher
+from kdsearch.trainers.measure import Latency, accuracy, count_macs, count_params
+from kdsearch.trainers.runtimes import CHECKPOINT, Deployed, Runtime, get_runtime
+from kdsearch.trainers.teachers import TeacherTargets, compute_targets, load_teacher, teacher_field
 from kdsearch.trainers.teaching import Teaching
 
 log = logging.getLogger("kdsearch")
 
-__all__ = ["TrialContext", "TrialDiverged", "prepare", "run_trial", "expected_footprint"]
+__all__ = ["STUDENT_LIMITS", "TrialContext", "TrialDiverged", "check_student_size", "constraint_violation", "over_limits",
+           "expected_footprint", "prepare", "run_trial"]
 
 
 class Report(Protocol):
     def __call__(self, metrics: dict[str, Any], state: Optional[dict[str, Any]] = None) -> None: ...
 
 
-#: ``latency_fn(model, example, artifact)``: the artifact file lets a remote measurer rebuild the model
-LatencyFn = Callable[[nn.Module, torch.Tensor, Path], Latency]
+#: ``latency_fn(deployed, example, batch_size)``: the deployed file lets a remote measurer run it again
+LatencyFn = Callable[[Deployed, torch.Tensor, int], Latency]
 
 
-def local_latency(model: nn.Module, example: torch.Tensor, artifact: Path) -> Latency:
-    return measure_latency(model, example)
+def local_latency(deployed: Deployed, example: torch.Tensor, batch_size: int) -> Latency:
+    return deployed.runtime.latency(deployed, example, batch_size)
 
 
 @dataclass
@@ -78,66 +80,176 @@ def knob_values(space: Space, name: str, default: Any) -> tuple[Any, ...]:
     return knob.values if isinstance(knob, Choice) else (knob.value,) if isinstance(knob, Fixed) else ()
 
 
-def prepare(space: Space) -> TrialContext:
-    """Load the data, load (or train and cache) each teacher, and run it once over the clean data."""
-    data = load_data(space.data)
-    hint_teachers = set(knob_values(space, "distill.hint_teacher", 0)) if hints_possible(space) else set()
-    for index in hint_teachers:
+def hint_teachers(space: Space) -> set[int]:
+    """The teachers feature hints may come from (``distill.hint_teacher``'s values), each checked to exist."""
+    indices = set(knob_values(space, "distill.hint_teacher", 0)) if hints_possible(space) else set()
+    for index in indices:
         if not isinstance(index, int) or index >= len(space.teachers):
             raise SpaceError("distill.hint_teacher", f"{index!r} but the space has {len(space.teachers)} teachers",
                              f"use 0..{len(space.teachers) - 1}")
+    return indices
+
+
+def check_hint_stages(space: Space, index: int, stages: Optional[int]) -> None:
+    """Every ``distill.hint_stages`` value names stages teacher ``index`` has (None: it exposes none)."""
+    if stages is None or stages == 0:
+        raise SpaceError("distill.hint_stages", f"teacher {index} exposes no stage outputs (no forward_stages)",
+                         "set hint_stages: none, or give a teacher module with forward_stages")
+    for spec in knob_values(space, "distill.hint_stages", "none"):
+        wrong = [p for p in str(spec).split(",") if p.strip().isdigit() and int(p) >= stages]
+        if wrong:
+            raise SpaceError("distill.hint_stages", f"{spec!r} names stage {wrong[0]} but teacher {index} has "
+                             f"{stages} stages", f"use indices 0..{stages - 1}, last or all")
+
+
+def prepare(space: Space) -> TrialContext:
+    """Load the data, load (or train and cache) each teacher, and run it once over the clean data.
+
+    The checks are the probe's (:mod:`kdsearch.trainers.probes`), made on the real data and teachers.
+    """
+    data = load_data(space.data)
+    hinted = hint_teachers(space)
     teachers = []
     for index, config in enumerate(space.teachers):
+        field = teacher_field(index, len(space.teachers))
         described = config.family or config.path or config.module or ""
-        targets = compute_targets(load_teacher(config, data), data, index in hint_teachers, described)
-        if index in hint_teachers and not targets.feature_shapes:
-            raise SpaceError("distill.hint_stages", f"teacher {index} exposes no stage outputs (no forward_stages)",
-                             "set hint_stages: none, or give a teacher module with forward_stages")
-        if index in hint_teachers:
-            stages = len(targets.feature_shapes)
-            for spec in knob_values(space, "distill.hint_stages", "none"):
-                wrong = [p for p in str(spec).split(",") if p.strip().isdigit() and int(p) >= stages]
-                if wrong:
-                    raise SpaceError("distill.hint_stages", f"{spec!r} names stage {wrong[0]} but teacher {index} has "
-                                     f"{stages} stages", f"use indices 0..{stages - 1}, last or all")
+        targets = compute_targets(load_teacher(config, data, field), data, index in hinted, described, field)
+        if index in hinted:
+            check_hint_stages(space, index, len(targets.feature_shapes))
         teachers.append(targets)
     return TrialContext(data, teachers, view_seed=space.data.seed, teacher_passes=len(data.train) * len(teachers))
 
 
+# --------------------------------------------------------------------------- footprints, without building
+
+#: the largest student a trial builds. Past these a point of the space is a mistake: 2e9 float32
+#: parameters are 8 GB before gradients and optimiser state, 1e12 MACs a sample never finish an epoch
+STUDENT_LIMITS = {"params": 2_000_000_000, "macs": 1_000_000_000_000}
+
+
+def build_on_meta(build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` on the meta device: every tensor has a shape and no storage, so any size costs nothing.
+
+    A builder that needs real values (it loads weights, or calls ``.item()``) cannot build
+    there; it is built for real instead, as before (only user builders do this).
+    """
+    try:
+        with torch.device("meta"):
+            return build()
+    except Exception as exc:
+        log.debug("building on the meta device failed (%s); building for real", exc)
+        return build()
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
+
+
+def _structure(space: Space, config: TrialConfig, input_shape: tuple[int, ...], num_classes: int) -> tuple[nn.Module, torch.Tensor]:
+    """The student of ``config`` built on the meta device, and an example input beside it."""
+    model = build_on_meta(lambda: space.build_student(config, input_shape, num_classes))
+    return model, torch.zeros(1, *input_shape, device=_device_of(model))
+
+
+def _footprint(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    return {"params": count_params(model), "macs": count_macs(model, example)}
+
+
 def pruned_structure(model: nn.Module, config: TrialConfig, example: torch.Tensor) -> nn.Module:
-    """``model`` pruned as the trial will prune it: the same channel counts whatever the weights."""
+    """``model`` pruned as the trial will prune it: the same channel counts whatever the weights.
+
+    On the meta device (no values to rank) the channels are ranked by position: pruning is per
+    layer, so the structure is the same as L1 on real weights gives, or any criterion.
+    """
     if config.compress.prune_ratio > 0:
-        return prune_student(model, config.compress.prune_ratio, "l1", example)
+        criterion = ShapeOnlyImportance if example.is_meta else "l1"
+        return prune_student(model, config.compress.prune_ratio, criterion, example)
     return model
 
 
 def expected_footprint(space: Space, config: TrialConfig, input_shape: tuple[int, ...], num_classes: int) -> dict[str, int]:
     """Params and MACs of the student after pruning, known from the architecture before training.
 
-    Pruning removes the same number of channels per layer whatever the weights, so pruning a
-    freshly built copy gives the trained student's footprint: the driver checks constraints
-    with it before launch.
+    The student is built and pruned on the meta device, so this allocates nothing whatever its
+    size: the driver checks constraints with it before launch. Pruning removes the same number
+    of channels per layer whatever the weights, so it is the trained student's footprint.
     """
-    example = torch.zeros(1, *input_shape)
-    model = pruned_structure(space.build_student(config, input_shape, num_classes), config, example)
-    return {"params": count_params(model), "macs": count_macs(model, example)}
+    model, example = _structure(space, config, input_shape, num_classes)
+    return _footprint(pruned_structure(model, config, example), example)
 
 
-def deployed_footprint(student: nn.Module, config: TrialConfig, example: torch.Tensor, calib: list[torch.Tensor],
-                       meta: dict[str, Any], latency_fn: LatencyFn) -> tuple[dict[str, int], Latency]:
-    """Params, MACs and latency of the student as it will ship (pruned, quantized), from an untrained copy.
+def over_limits(footprint: dict[str, int]) -> Optional[str]:
+    """Which of :data:`STUDENT_LIMITS` ``footprint`` breaks, in words (None: none)."""
+    for metric, limit in STUDENT_LIMITS.items():
+        if footprint[metric] > limit:
+            return f"{footprint[metric]:,} {metric}, over the {limit:,} {metric} a trial can build"
+    return None
+
+
+def constraint_violation(space: Space, config: TrialConfig, input_shape: tuple[int, ...], num_classes: int) -> Optional[str]:
+    """Why ``config``'s student may not take a worker, or None: over :data:`STUDENT_LIMITS` as built,
+    or over the space's ``max_params`` / ``max_macs`` once pruned. All on the meta device."""
+    from kdsearch.spaces.schema import CONSTRAINT_KEYS
+
+    model, example = _structure(space, config, input_shape, num_classes)
+    built = _footprint(model, example)
+    reason = over_limits(built)
+    if reason:
+        return reason
+    bounds = {CONSTRAINT_KEYS[k]: v for k, v in space.constraints.items() if CONSTRAINT_KEYS[k] in ("params", "macs")}
+    if all(built[metric] <= bound for metric, bound in bounds.items()):
+        return None  # pruning only removes: no need to prune to know
+    footprint = _footprint(pruned_structure(model, config, example), example)
+    for metric, bound in bounds.items():
+        if footprint[metric] > bound:
+            return f"{metric} {footprint[metric]:,} > max_{metric} {bound:,.0f}"
+    return None
+
+
+def check_student_size(space: Space, config: TrialConfig, input_shape: tuple[int, ...], num_classes: int) -> None:
+    """Refuse, before a real build, a student over :data:`STUDENT_LIMITS`, naming the knob that makes it so."""
+    model, example = _structure(space, config, input_shape, num_classes)
+    reason = over_limits(_footprint(model, example))
+    if reason is None:
+        return
+    knob = _size_knob(space, config, input_shape, num_classes)
+    field, value = (f"students.{config.family}.{knob}", config.student[knob]) if knob else (f"students.{config.family}", None)
+    shown = f"{value!r} makes" if knob else "makes"
+    raise SpaceError(field, f"{shown} a student of {reason}", "lower it (or the family's other size knobs)")
+
+
+def _size_knob(space: Space, config: TrialConfig, input_shape: tuple[int, ...], num_classes: int) -> Optional[str]:
+    """The numeric family knob whose halving shrinks the student most: the one an error should name."""
+    best, smallest = None, None
+    for knob, value in config.student.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 1:
+            continue
+        halved = dataclasses.replace(config, student={**config.student, knob: value // 2 if isinstance(value, int) else value / 2})
+        try:
+            params = count_params(_structure(space, halved, input_shape, num_classes)[0])
+        except Exception:  # outside the family's bounds (a kernel of 3 halves to 1): not this one
+            continue
+        if smallest is None or params < smallest:
+            best, smallest = knob, params
+    return best
+
+
+def deployed_footprint(student: nn.Module, config: TrialConfig, data: DataBundle, calib: list[torch.Tensor],
+                       meta: dict[str, Any], runtime: Runtime, batch_size: int,
+                       latency_fn: LatencyFn) -> tuple[dict[str, Any], Latency]:
+    """Params, MACs and latency of the student as it will ship (pruned, quantized, written as
+    ``runtime``'s file and run by it), from an untrained copy.
 
     They depend on the compressed architecture, not on the weights, so they are known
     before training: every epoch's report carries the real latency, and the scheduler ranks
     on it instead of a MACs proxy. The trained student has the same structure.
     """
+    example = data.train[0][0].unsqueeze(0)
     model = pruned_structure(copy.deepcopy(student).cpu().eval(), config, example)
-    footprint = {"params": count_params(model), "macs": count_macs(model, example)}
-    model = get_quantizer(config.compress.quantize).quantize(model, calib, example)
+    footprint: dict[str, Any] = {**_footprint(model, example), "runtime": runtime.name}
     with tempfile.TemporaryDirectory() as tmp:
-        artifact = Path(tmp) / "student.pt"
-        save_student(model, artifact, meta=meta)
-        return footprint, latency_fn(model, example, artifact)
+        deployed = runtime.deploy(model, config.compress.quantize, calib, data, Path(tmp), meta)
+        return footprint, latency_fn(deployed, runtime.example(data), batch_size)
 
 
 class _Distiller:
@@ -204,12 +316,19 @@ def run_trial(space: Space, params: dict[str, Any], report: Optional[Report] = N
     progress really trained, a float. With ``checkpoint_state`` each distillation epoch's
     report also gets ``state=`` (a dict of tensors) that ``resume=`` accepts to continue a
     trial where it stopped.
+
+    The student ships as ``measure.runtime``'s file (:mod:`kdsearch.trainers.runtimes`):
+    ``student.onnx`` for onnxruntime, beside the float checkpoint ``student.pt``; ``student.pt``
+    for torch. Its latency (every report), final ``val_acc`` and ``size_bytes`` are that file's,
+    in that runtime; ``runtime``, ``artifact`` and ``artifact_sha256`` name it. ``artifact_dir``
+    keeps the files.
     """
     started = time.perf_counter()
     config = space.resolve(params)
     context = context or prepare(space)
     data = context.data
     emit = report or (lambda metrics, state=None: None)
+    check_student_size(space, config, data.input_shape, data.num_classes)  # on the meta device, before a real build
     torch.manual_seed(seed)
     student = space.build_student(config, data.input_shape, data.num_classes).to(device)
     example = context.example
@@ -217,7 +336,9 @@ def run_trial(space: Space, params: dict[str, Any], report: Optional[Report] = N
                                        batches(data.train, config.train.batch_size, shuffle=True, seed=seed))]
     meta = {"params": config.params, "family": config.family, "input_shape": list(data.input_shape),
             "num_classes": data.num_classes}
-    footprint, latency = deployed_footprint(student, config, example, calib, meta, latency_fn)
+    runtime = get_runtime(space.measure.runtime)
+    footprint, latency = deployed_footprint(student, config, data, calib, meta, runtime, space.measure.batch_size,
+                                            latency_fn)
     footprint.update(latency.as_metrics())
     distil_epochs = epochs or config.train.epochs
     prune = config.compress.prune_ratio > 0
@@ -266,13 +387,14 @@ def run_trial(space: Space, params: dict[str, Any], report: Optional[Report] = N
     student = student.cpu().eval()
     example = example.cpu()
     float_metrics = {"params": count_params(student), "macs": count_macs(student, example)}
-    quantizer = get_quantizer(config.compress.quantize)
-    student = quantizer.quantize(student, calib, example)
-    final_acc = accuracy(student, data.val)
     with tempfile.TemporaryDirectory() as tmp:
-        artifact = Path(artifact_dir or tmp) / "student.pt"
-        artifact.parent.mkdir(parents=True, exist_ok=True)
-        size_bytes = save_student(student, artifact, meta=meta)
+        folder = Path(artifact_dir or tmp)
+        deployed = runtime.deploy(student, config.compress.quantize, calib, data, folder, meta)
+        final_acc = runtime.accuracy(deployed, data)  # of the shipped file, in its runtime
+        checkpoint_acc = final_acc
+        if deployed.path.name != CHECKPOINT:  # the float student, which the other export formats are built from
+            save_student(student, folder / CHECKPOINT, meta=meta)
+            checkpoint_acc = accuracy(student, data.val)
     final = {
         **pending,
         "epoch": last_epoch,
@@ -281,9 +403,13 @@ def run_trial(space: Space, params: dict[str, Any], report: Optional[Report] = N
         "teacher_val_acc": context.targets.val_acc,
         "teacher_passes": teaching.passes,
         **float_metrics,
-        "size_bytes": size_bytes,
+        "size_bytes": deployed.size_bytes,  # of the shipped file
         **latency.as_metrics(),
-        "quant_backend": quantizer.backend,
+        "runtime": runtime.name,
+        "artifact": deployed.path.name,
+        "artifact_sha256": deployed.sha256,
+        "val_acc_checkpoint": checkpoint_acc,  # of student.pt in torch: what the rebuilt export formats must match
+        "quant_backend": deployed.quant_backend,
         "train_seconds": time.perf_counter() - started,
         "family": config.family,
     }
