@@ -33,7 +33,7 @@ budget points, mean over seeds:
 ``compute_to_random_final``: the share of the largest budget at which a method's mean curve first
 reaches random search's mean HV at that budget (None: never).
 
-    python benchmarks/peers.py --quick          # one seed, a 240-epoch digits budget: a few minutes
+    python benchmarks/peers.py --quick          # one seed, 100 NB201 evaluations, a 240-epoch digits budget
     nice -n 10 python benchmarks/peers.py --out benchmarks/results/peers.json --plot benchmarks/results/peers.png
 """
 
@@ -63,6 +63,7 @@ from search_quality import HelpFormatter, at  # noqa: E402
 
 NB201_OBJECTIVES = {"val_acc": "max", "latency": "min"}
 EVALUATIONS = (25, 50, 100, 150, 200)
+QUICK_EVALUATIONS = (25, 50, 100)  # a GP's cost grows with the evaluations it has fitted
 NB201_METHODS = ("random", "nsga2", "tpe", "gp", "default")
 DIGITS_METHODS = ("pareto_asha", "moasha", "asha", "random")
 #: the driver's rungs (SearchOptions defaults): 1/6, 2/3, 8/3 and 32/3 epochs
@@ -223,16 +224,17 @@ def plot(curves: Mapping[str, np.ndarray], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one seed and a 240-epoch digits budget")
+    parser.add_argument("--quick", action="store_true", help="one seed, NB201 up to 100 evaluations, a 240-epoch digits budget")
     parser.add_argument("--seeds", type=int, default=10, help="seeds per method (both parts)")
     parser.add_argument("--budget", type=int, default=480, help="largest digits compute budget, epochs")
     parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument("--plot", help="write the digits HV-vs-compute plot (PNG) here")
     args = parser.parse_args()
     seeds, budget = (1, 240) if args.quick else (args.seeds, args.budget)
+    points = QUICK_EVALUATIONS if args.quick else EVALUATIONS
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("optuna").setLevel(logging.ERROR)
-    nb, spreads = nb201(seeds)
+    nb, spreads = nb201(seeds, points=points)
     dg, curves = digits(seeds, budget)
     if args.plot:
         plot(curves, Path(args.plot))

@@ -85,6 +85,8 @@ CASES = {
     "trial-params-not-json": (None, ["trial", "--params", "{nope"], "--params: not valid JSON"),
     "trial-params-unknown-knob": (None, ["trial", "--params", '{"train.momentumm": 0.5}'], "params.train.momentumm"),
     "resume-no-folder": (None, ["resume", "no-such-folder"], "no kdsearch.json there"),
+    "resume-truncated-state": (None, ["resume", "tune"], "kdsearch.json: not a kdsearch resume file (JSONDecodeError"),
+    "resume-state-not-a-search": (None, ["resume", "tune"], "kdsearch.json: not a kdsearch resume file (KeyError"),
     "export-bad-limit": (None, ["export", "--max-latency-ms", "-1"], "--max-latency-ms"),
     "export-no-store": (None, ["export", "--tracking-uri", "sqlite:///nowhere/mlflow.db"], "--tracking-uri"),
     # the probes: data files, teacher files and student sizes, checked by `validate` and first thing by
@@ -191,6 +193,8 @@ FILES.update({
     "teachers-second-wrong-width": lambda folder: (_teacher(64, 10)(folder), _teacher(64, 7, "teacher7.pt")(folder)),
     "student-builder-width-1e9": lambda folder: (_raw("kd_bad_builder.py", _BUILDER)(folder), _teacher(64, 10)(folder)),
     "student-cnn-every-knob-at-upper-bound": _teacher(64, 10),
+    "resume-truncated-state": lambda folder: ((folder / "tune").mkdir(), (folder / "tune" / "kdsearch.json").write_text('{"options": {"num_sam')),
+    "resume-state-not-a-search": lambda folder: ((folder / "tune").mkdir(), (folder / "tune" / "kdsearch.json").write_text('{"name": "x"}')),
 })
 
 def test_non_finite_inputs_are_refused_with_the_sample_count(tmp_path):
