@@ -37,12 +37,14 @@ _EXPORTS = {
     "TrialDiverged": "kdsearch.spaces.errors",
     "run_trial": "kdsearch.trainers.trial",
     "prepare": "kdsearch.trainers.trial",
+    "probe_space": "kdsearch.trainers.probes",
     "SearchOptions": "kdsearch.search.options",
     "run_search": "kdsearch.search.driver",
     "resume_search": "kdsearch.search.driver",
     "SearchResult": "kdsearch.search.result",
     "export_student": "kdsearch.search.export",
     "ParetoASHA": "kdsearch.search.schedulers",
+    "RungSampler": "kdsearch.search.samplers",
 }
 
 __all__ = sorted(_EXPORTS)

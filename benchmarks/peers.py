@@ -50,6 +50,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import optuna
+from ray.tune.schedulers import FIFOScheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -135,17 +136,19 @@ def nb201(seeds: int, methods: tuple[str, ...] = NB201_METHODS, points: tuple[in
 # --------------------------------------------------------------------------- digits
 
 
-class SyneTuneMOASHA:
-    """Syne Tune's MOASHA as shipped, driven through its scheduler interface by the replay loop.
+class SyneTuneMOASHA(FIFOScheduler):
+    """Syne Tune's MOASHA as shipped, as a Ray Tune scheduler: the replay loop and a live search
+    (``search_quality.py``'s ``mf-gp+moasha``) drive it through Ray's scheduler calls.
 
-    The replay speaks Ray's scheduler calls (``on_trial_add(controller, trial)``, ...); MOASHA
-    minimises every metric, so maximised objectives are handed to it negated.
+    MOASHA minimises every metric, so maximised objectives are handed to it negated. Its decisions
+    are the strings Ray's ``TrialScheduler.CONTINUE`` and ``STOP`` are.
     """
 
     def __init__(self, objectives: Mapping[str, str], time_attr: str, grace_period: float, reduction_factor: float,
                  max_t: float) -> None:
         from syne_tune.optimizer.schedulers.multiobjective.moasha import MOASHA
 
+        super().__init__()
         self.objectives, self.time_attr = dict(objectives), time_attr
         self.moasha = MOASHA(config_space={}, metrics=list(objectives), do_minimize=True, time_attr=time_attr,
                              grace_period=grace_period, reduction_factor=reduction_factor, max_t=max_t)
@@ -154,14 +157,30 @@ class SyneTuneMOASHA:
         signed = {m: -float(result[m]) if d == "max" else float(result[m]) for m, d in self.objectives.items()}
         return {self.time_attr: result[self.time_attr], **signed}
 
+    def _usable(self, trial: Any, result: Mapping[str, Any]) -> bool:
+        """A result MOASHA can rank: its trial known, every objective present and finite."""
+        return trial.trial_id in self.moasha.trial_info and self.time_attr in result and all(
+            isinstance(result.get(m), (int, float)) and np.isfinite(result[m]) for m in self.objectives)
+
     def on_trial_add(self, controller: Any, trial: Any) -> None:
         self.moasha.on_trial_add(trial)
 
     def on_trial_result(self, controller: Any, trial: Any, result: Mapping[str, Any]) -> str:
+        if not self._usable(trial, result):  # a diverged report: the trial ends as failed on its own
+            return self.CONTINUE
         return str(self.moasha.on_trial_result(trial, self._result(result)))  # "CONTINUE" or "STOP"
 
     def on_trial_complete(self, controller: Any, trial: Any, result: Mapping[str, Any]) -> None:
-        self.moasha.on_trial_complete(trial, self._result(result))
+        if self._usable(trial, result or {}):
+            self.moasha.on_trial_complete(trial, self._result(result))
+        else:
+            self.on_trial_remove(controller, trial)
+
+    def on_trial_error(self, controller: Any, trial: Any) -> None:
+        self.on_trial_remove(controller, trial)
+
+    def on_trial_remove(self, controller: Any, trial: Any) -> None:
+        self.moasha.trial_info.pop(trial.trial_id, None)
 
 
 def digits_schedulers(max_t: float) -> dict[str, Callable[[], Any]]:

@@ -9,6 +9,11 @@ enough that the budget, not the trial count, ends every search), over several se
     nsga2+asha  NSGA-II + ASHA on val_acc
     nsga2+pasha NSGA-II + pareto-asha (ranked on val_acc, latency_ms, params)
 
+and, beyond those four: ``tpe+pasha``; ``mf-gp+pasha``, the driver's defaults (the GP sampler
+fitted on rung results too, ``kdsearch.search.samplers``); and ``mf-gp+moasha``, the same with
+Syne Tune's MOASHA as shipped in place of Pareto-ASHA (same rungs and objectives, through
+``benchmarks/peers.py``'s adapter; a benchmark-only swap, since MOASHA is not a Ray Tune scheduler).
+
 Every run is a real ``run_search`` (Ray Tune, Optuna, MLflow in a temporary sqlite store,
 Tune storage in a temporary folder; front models are not logged). All runs share one
 declared hypervolume reference point, written into a temporary copy of ``spaces/digits.yaml``:
@@ -83,6 +88,9 @@ METHODS = {
     "nsga2+asha": ("nsga2", "asha"),
     "nsga2+pasha": ("nsga2", "pareto-asha"),
     "tpe+pasha": ("tpe", "pareto-asha"),  # beyond the issue's four: a sampler that learns from the stopped trials
+    "mf-gp+pasha": ("mf-gp", "pareto-asha"),  # the driver's defaults: GP fitted on the rung results too
+    # Syne Tune's MOASHA as shipped (benchmarks/peers.py's adapter), same sampler, rungs and objectives
+    "mf-gp+moasha": ("mf-gp", "moasha"),
 }
 EXPERIMENT = "search-quality"
 #: the driver's first rung (epochs) and eta, the defaults here too
@@ -207,12 +215,37 @@ def complete_rows(trials: Any) -> list[dict[str, Any]]:
     return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()} for row in rows]
 
 
+@contextlib.contextmanager
+def moasha_in_driver():
+    """The driver builds Syne Tune's MOASHA where it would build Pareto-ASHA (a benchmark-only swap:
+    MOASHA is not a Ray Tune scheduler, ``peers.SyneTuneMOASHA`` makes it speak as one)."""
+    from peers import SyneTuneMOASHA
+
+    from kdsearch.search import driver
+
+    original = driver.make_scheduler
+
+    def make(name, space, max_t, grace_period, reduction_factor):
+        metrics, modes = driver.scheduler_objectives(space)
+        return SyneTuneMOASHA(dict(zip(metrics, modes)), "epoch", min(grace_period, max_t), reduction_factor, max_t)
+
+    driver.make_scheduler = make
+    try:
+        yield
+    finally:
+        driver.make_scheduler = original
+
+
 def one_search(method: str, seed: int, args: argparse.Namespace, space_path: str, reference: dict[str, float],
                macs_reference: dict[str, float], tmp: Path, tracking_uri: str) -> dict[str, Any]:
     from kdsearch.search.tracking import client
 
     searcher, scheduler = METHODS[method]
     storage = tmp / f"ray-{method}-{seed}"
+    patched = contextlib.nullcontext()
+    if scheduler == "moasha":  # not a driver option: the driver's Pareto-ASHA swapped for MOASHA, same rungs
+        patched = moasha_in_driver()
+        scheduler = "pareto-asha"
     options = SearchOptions(
         num_samples=args.num_samples, max_concurrent=args.max_concurrent, tracking_uri=tracking_uri,
         experiment=EXPERIMENT, storage=str(storage), seed=seed, searcher=searcher, scheduler=scheduler,
@@ -224,7 +257,7 @@ def one_search(method: str, seed: int, args: argparse.Namespace, space_path: str
     logger.addHandler(messages)
     started = time.perf_counter()
     try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # Ray chatter
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), patched:  # Ray chatter
             warnings.simplefilter("ignore")
             result = run_search(space_path, options=options)
     except BaseException:

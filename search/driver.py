@@ -301,7 +301,7 @@ def run_search(space: "Space | str | Path | Mapping[str, Any] | None" = None, *,
     storage = storage if "://" in storage else str(Path(storage).resolve())
     path = f"{storage}/{name}"
     space_sha = hashlib.sha256(space.text.encode()).hexdigest()
-    warn_repeated_seed(mlflow_client, exp_id, space_sha, options.seed)
+    warn_repeated_seed(mlflow_client, exp_id, space_sha, options.seed, options.searcher)
     parent = mlflow_client.create_run(exp_id, run_name=name, tags={ROLE_TAG: "search", "kdsearch.tune_path": path,
                                                                    SPACE_TAG: space_sha})
     parent_id = parent.info.run_id
@@ -319,15 +319,16 @@ def run_search(space: "Space | str | Path | Mapping[str, Any] | None" = None, *,
     return _drive(space, options, mlflow_client, exp_id, parent_id, path, restore=False, context=context)
 
 
-def warn_repeated_seed(mlflow_client, exp_id: str, space_sha: str, seed: int) -> None:
-    """Say so when an earlier search of this experiment ran the same space with the same seed:
-    its searcher draws the same configurations in the same order."""
+def warn_repeated_seed(mlflow_client, exp_id: str, space_sha: str, seed: int, searcher: str) -> None:
+    """Say so when an earlier search of this experiment ran the same space with the same seed and
+    searcher: it draws the same configurations in the same order."""
     from kdsearch.search.tracking import ROLE_TAG, SPACE_TAG
 
     earlier = mlflow_client.search_runs([exp_id], filter_string=f"tags.`{ROLE_TAG}` = 'search' and "
-                                        f"tags.`{SPACE_TAG}` = '{space_sha}' and params.seed = '{seed}'", max_results=1)
+                                        f"tags.`{SPACE_TAG}` = '{space_sha}' and params.seed = '{seed}' and "
+                                        f"params.searcher = '{searcher}'", max_results=1)
     if earlier:
-        log.warning(f"search {earlier[0].info.run_name} ran this space with seed {seed} already: the same "
+        log.warning(f"search {earlier[0].info.run_name} ran this space with seed {seed} and searcher {searcher} already: the same "
                     "configurations come again; pass --seed N for new ones")
 
 

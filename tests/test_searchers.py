@@ -103,10 +103,11 @@ def test_a_search_repeating_an_earlier_space_and_seed_says_so(tmp_path, caplog):
     c = client(f"sqlite:///{tmp_path}/mlflow.db")
     exp = experiment_id(c, "seeds", create=True)
     earlier = c.create_run(exp, run_name="digits-earlier", tags={ROLE_TAG: "search", SPACE_TAG: "abc"})
-    c.log_batch(earlier.info.run_id, params=[Param("seed", "0")])
+    c.log_batch(earlier.info.run_id, params=[Param("seed", "0"), Param("searcher", "mf-gp")])
     with caplog.at_level("WARNING", logger="kdsearch"):
-        warn_repeated_seed(c, exp, "abc", 1)  # another seed: new configurations
-        warn_repeated_seed(c, exp, "other", 0)  # another space
+        warn_repeated_seed(c, exp, "abc", 1, "mf-gp")  # another seed: new configurations
+        warn_repeated_seed(c, exp, "other", 0, "mf-gp")  # another space
+        warn_repeated_seed(c, exp, "abc", 0, "random")  # another sampler
         assert not caplog.records
-        warn_repeated_seed(c, exp, "abc", 0)
-    assert "digits-earlier ran this space with seed 0 already" in caplog.text and "--seed" in caplog.text
+        warn_repeated_seed(c, exp, "abc", 0, "mf-gp")
+    assert "digits-earlier ran this space with seed 0 and searcher mf-gp already" in caplog.text and "--seed" in caplog.text
