@@ -84,27 +84,25 @@ class SearchRecorder(tune.Callback):
     def interrupt(self) -> list[str]:
         """The trials in flight when the search stopped on a signal: KILLED, tagged interrupted, never
         on the front; ``kdsearch resume`` continues each in its own run. Returns their names."""
-        names = []
-        for trial_id in sorted(self.running, key=self.name):
-            run_id = self.run_ids[trial_id]
-            self.client.set_tag(run_id, STATUS_TAG, INTERRUPTED)
-            self.client.set_tag(run_id, "mlflow.runName", f"{self.name(trial_id)} ({INTERRUPTED})")
-            self.client.set_terminated(run_id, "KILLED")
-            names.append(self.name(trial_id))
+        names = self._kill(self.running, INTERRUPTED)
         self.running.clear()
         return names
 
     def close_lost(self) -> list[str]:
         """At the end of a resumed search: the runs of trials Tune's saved state did not know (started
         just before the driver died), which no resume can continue. KILLED, tagged lost; their names."""
+        names = self._kill(self.unfinished - set(self.rows) - self.running, LOST)
+        self.unfinished.clear()
+        return names
+
+    def _kill(self, trial_ids: set[str], status: str) -> list[str]:
         names = []
-        for trial_id in sorted(self.unfinished - set(self.rows) - self.running, key=self.name):
+        for trial_id in sorted(trial_ids, key=self.name):
             run_id = self.run_ids[trial_id]
-            self.client.set_tag(run_id, STATUS_TAG, LOST)
-            self.client.set_tag(run_id, "mlflow.runName", f"{self.name(trial_id)} ({LOST})")
+            self.client.set_tag(run_id, STATUS_TAG, status)
+            self.client.set_tag(run_id, "mlflow.runName", f"{self.name(trial_id)} ({status})")
             self.client.set_terminated(run_id, "KILLED")
             names.append(self.name(trial_id))
-        self.unfinished.clear()
         return names
 
     def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:

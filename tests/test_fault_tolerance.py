@@ -379,11 +379,10 @@ def ray_core_left(sid: int) -> dict[int, str]:
             if cmd.startswith(RAY_CORE_TITLES) or Path(cmd.split(" ", 1)[0]).name in RAY_CORE_EXECUTABLES}
 
 
-@linux_only  # Ray's raylet and GCS fate-share with their driver through prctl(PR_SET_PDEATHSIG)
-@pytest.mark.timeout(420)
-def test_killed_driver_resumes_into_the_same_mlflow_search(tmp_path, space_file, teacher_cache):
-    """SIGKILL `kdsearch run` after some trials completed, then `kdsearch resume`: one parent run,
-    one nested run per trial, trials finished before the kill kept (not run again) and in the front."""
+def start_search(tmp_path: Path, space_file: Path, teacher_cache: Path, experiment: str, num_samples: int,
+                 stdout: int) -> tuple[str, dict[str, str], subprocess.Popen]:
+    """`kdsearch run` in its own session (so a test can signal or kill it and all it started):
+    its tracking URI, its environment and the process."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
     env["KDSEARCH_CACHE_DIR"] = str(teacher_cache)
@@ -391,11 +390,20 @@ def test_killed_driver_resumes_into_the_same_mlflow_search(tmp_path, space_file,
     # state on disk soon shows the first trials as ended
     env["TUNE_GLOBAL_CHECKPOINT_S"] = "1"
     run = subprocess.Popen(
-        [sys.executable, "-m", "kdsearch.search.cli", "run", str(space_file), "--num-samples", "6", "--max-concurrent", "2",
-         "--epochs", str(EPOCHS), "--scheduler", "none", "--tracking-uri", uri, "--experiment", "resume",
-         "--storage", str(tmp_path / "ray")],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        [sys.executable, "-m", "kdsearch.search.cli", "run", str(space_file), "--num-samples", str(num_samples),
+         "--max-concurrent", "2", "--epochs", str(EPOCHS), "--scheduler", "none", "--tracking-uri", uri,
+         "--experiment", experiment, "--storage", str(tmp_path / "ray")],
+        cwd=ROOT, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
+    return uri, env, run
+
+
+@linux_only  # Ray's raylet and GCS fate-share with their driver through prctl(PR_SET_PDEATHSIG)
+@pytest.mark.timeout(420)
+def test_killed_driver_resumes_into_the_same_mlflow_search(tmp_path, space_file, teacher_cache):
+    """SIGKILL `kdsearch run` after some trials completed, then `kdsearch resume`: one parent run,
+    one nested run per trial, trials finished before the kill kept (not run again) and in the front."""
+    uri, env, run = start_search(tmp_path, space_file, teacher_cache, "resume", 6, subprocess.DEVNULL)
     stderr = Stderr(run)
     note("kdsearch run started")
     try:
@@ -479,16 +487,7 @@ def test_interrupted_search_says_so_and_resumes_into_the_same_parent_run(tmp_pat
     resume` then finishes every trial in the same parent run, numbering on from trial-004."""
     from kdsearch.search.tracking import NAME_TAG, PARTIAL_TAG, STATUS_TAG, read_artifact_json
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
-    env["KDSEARCH_CACHE_DIR"] = str(teacher_cache)
-    env["TUNE_GLOBAL_CHECKPOINT_S"] = "1"
-    run = subprocess.Popen(
-        [sys.executable, "-m", "kdsearch.search.cli", "run", str(space_file), "--num-samples", "4", "--max-concurrent", "2",
-         "--epochs", str(EPOCHS), "--scheduler", "none", "--tracking-uri", uri, "--experiment", "interrupt",
-         "--storage", str(tmp_path / "ray")],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )
+    uri, env, run = start_search(tmp_path, space_file, teacher_cache, "interrupt", 4, subprocess.PIPE)
     stderr = Stderr(run)
     try:
         deadline = time.time() + 240
