@@ -296,6 +296,18 @@ def one_search(method: str, seed: int, args: argparse.Namespace, space_path: str
 # --------------------------------------------------------------------------- latency, side by side
 
 
+def param_value(text: str) -> Any:
+    """A logged param back as its value: ``str(1e-05)`` is JSON's float but YAML's string.
+
+    >>> [param_value(t) for t in ("1e-05", "0.5", "mlp", "True", "[1, 2]")]
+    [1e-05, 0.5, 'mlp', True, [1, 2]]
+    """
+    try:
+        return json.loads(text)
+    except ValueError:
+        return yaml.safe_load(text)
+
+
 def remeasure_side_by_side(runs: list[dict[str, Any]], budget: float, tracking_uri: str, artifacts: Path,
                            space_path: str, reference: dict[str, float], context: Any = None, rounds: int = 3) -> None:
     """Measure the complete students of every search again in one pass, and redo the HV curves.
@@ -326,7 +338,7 @@ def remeasure_side_by_side(runs: list[dict[str, Any]], budget: float, tracking_u
         for trial in trial_runs(mlflow_client, mlflow_client.get_run(run["parent_run_id"])):
             if trial.data.tags.get(STATUS_TAG) != "complete":
                 continue
-            config = {k: yaml.safe_load(v) for k, v in trial.data.params.items()}  # MLflow keeps params as text
+            config = {k: param_value(v) for k, v in trial.data.params.items()}  # MLflow keeps params as text
             key = structure_key(config)
             path = artifacts / trial.info.run_id / "artifacts" / "student" / "student.pt"
             if key not in students and path.is_file():
