@@ -180,21 +180,18 @@ class ConstraintCheck:
     """
 
     def __init__(self, space: Space, input_shape: tuple[int, ...], num_classes: int) -> None:
-        from kdsearch.spaces.schema import CONSTRAINT_KEYS
+        from kdsearch.trainers.trial import size_bounds
 
         self.space, self.input_shape, self.num_classes = space, tuple(input_shape), num_classes
-        self.limits = {CONSTRAINT_KEYS[k]: v for k, v in space.constraints.items() if CONSTRAINT_KEYS[k] in ("params", "macs")}
+        self.limits = size_bounds(space)
 
     def __call__(self, params: dict[str, Any]) -> Optional[str]:
-        from kdsearch.trainers.trial import expected_footprint
+        from kdsearch.trainers.trial import bound_violation, expected_footprint
 
         if not self.limits:
             return None
         footprint = expected_footprint(self.space, self.space.resolve(params), self.input_shape, self.num_classes)
-        for metric, bound in self.limits.items():
-            if footprint[metric] > bound:
-                return f"{metric} {footprint[metric]:,} > max_{metric} {bound:,.0f}"
-        return None
+        return bound_violation(footprint, self.limits)
 
 
 def start_ray(address: Optional[str]) -> bool:

@@ -13,7 +13,8 @@ from mlflow.entities import Param
 from ray import tune
 
 from kdsearch.search.pareto import hypervolume_fraction, pareto_front
-from kdsearch.search.tracking import NAME_TAG, PARENT_TAG, STATUS_TAG, TRIAL_TAG, flush, log_metrics, trial_runs
+from kdsearch.search.tracking import (NAME_TAG, PARENT_TAG, RUNTIME_TAG, STATUS_TAG, TRIAL_TAG, flush, log_metrics,
+                                      trial_runs)
 from kdsearch.trainers.runtimes import student_files
 
 log = logging.getLogger("kdsearch")
@@ -208,5 +209,3 @@ class SearchRecorder(tune.Callback):
 KEEP = ("val_acc", "val_acc_distilled", "params", "macs", "size_bytes", "latency_ms", "latency_iqr_ms", "epoch",
         "train_seconds", "family", "quant_backend", "teacher_val_acc", "training_iteration", "teacher_passes",
         "runtime", "artifact", "artifact_sha256", "val_acc_checkpoint", "latency_batch_size")
-#: the MLflow tag naming the runtime a trial's latency, accuracy and size were measured in
-RUNTIME_TAG = "kdsearch.runtime"

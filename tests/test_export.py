@@ -426,7 +426,7 @@ def test_the_exported_onnx_is_the_file_the_trial_measured(searched, digits_searc
     """What you measure is what you ship: every complete trial of an onnxruntime search logs its
     student.onnx and its runtime; the export copies the chosen one byte for byte, and that file
     scores on the validation data exactly the accuracy the trial logged."""
-    from kdsearch.search.recorder import RUNTIME_TAG
+    from kdsearch.search.tracking import RUNTIME_TAG
     from kdsearch.search.tracking import STATUS_TAG, trial_runs
     from kdsearch.trainers.runtimes import file_sha256, get_runtime
 

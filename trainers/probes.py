@@ -33,8 +33,8 @@ from kdsearch.spaces import Space, SpaceError, TeacherConfig, get_family
 from kdsearch.spaces.errors import UserError
 from kdsearch.trainers.data import DataSummary, probe_data
 from kdsearch.trainers.teachers import build_teacher_module, check_outputs, read_teacher_file, teacher_field
-from kdsearch.trainers.trial import (build_on_meta, check_hint_stages, check_student_size,
-                                     constraint_violation, expected_footprint, hint_teachers, over_limits)
+from kdsearch.trainers.trial import (build_on_meta, check_hint_stages, check_student_size, constraint_violation,
+                                     device_of, expected_footprint, footprint_of, hint_teachers, over_limits)
 
 __all__ = ["ProbeReport", "TeacherSummary", "check_satisfiable", "probe_space", "probe_teacher", "space_imports"]
 
@@ -104,8 +104,7 @@ def probe_teacher(space: Space, index: int, data: DataSummary, hinted: bool) -> 
     else:
         model = build_teacher_module(config, field)
         kind = f"{config.module}()" + (f" with {config.state_dict}" if config.state_dict else "")
-    device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
-    out = check_outputs(model, torch.zeros(1, *data.input_shape, device=device), data.num_classes, hinted, field)
+    out = check_outputs(model, torch.zeros(1, *data.input_shape, device=device_of(model)), data.num_classes, hinted, field)
     stages = None
     if hinted:
         stages = len(out.features) if hasattr(model, "forward_stages") else 0
@@ -124,10 +123,7 @@ def _meta_teacher(config: TeacherConfig, data: DataSummary, field: str) -> torch
         err = exc.errors()[0]
         raise SpaceError(f"{field}.config", err["msg"], f"see the {config.family} family's knobs: kdsearch list families") from None
     model = build_on_meta(lambda: family.build(knobs, data.input_shape, data.num_classes)).eval()
-    example = torch.zeros(1, *data.input_shape, device="meta")
-    from kdsearch.trainers.measure import count_macs, count_params
-
-    reason = over_limits({"params": count_params(model), "macs": count_macs(model, example)})
+    reason = over_limits(footprint_of(model, torch.zeros(1, *data.input_shape, device=device_of(model))))
     if reason:
         raise SpaceError(f"{field}.config", f"the {config.family} teacher would have {reason}", "give it smaller knobs")
     return model

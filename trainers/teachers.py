@@ -176,11 +176,10 @@ def read_exported(path: Path, field: str) -> nn.Module:
     loading. Not a zip (garbage, truncated), not an export, refused: one line each.
     """
     fix = "export the teacher with torch.export.save(torch.export.export(model, (example,)), 'teacher.pt2')"
-    if not zipfile.is_zipfile(path):
+    names = _zip_names(path)
+    if names is None:
         raise SpaceError(field, f"cannot load {path} as a torch.export program (not a zip archive: damaged, truncated "
                                 "or another format)", fix)
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
     pickled = [n for n in names if any(marker in n for marker in _PT2_PICKLED_OBJECTS)]
     if pickled:
         raise SpaceError(field, f"{path} refused as unsafe: it holds pickled Python objects ({pickled[0]}) that loading "
@@ -252,6 +251,7 @@ def _unsafe_reason(exc: pickle.UnpicklingError) -> str:
 
 
 def _zip_names(path: Path) -> Optional[list[str]]:
+    """The member names of the zip archive at ``path``; None when it is not one."""
     try:
         with zipfile.ZipFile(path) as archive:
             return archive.namelist()

@@ -33,8 +33,8 @@ from kdsearch.trainers.teaching import Teaching
 
 log = logging.getLogger("kdsearch")
 
-__all__ = ["STUDENT_LIMITS", "TrialContext", "TrialDiverged", "check_student_size", "constraint_violation", "over_limits",
-           "expected_footprint", "prepare", "run_trial"]
+__all__ = ["STUDENT_LIMITS", "TrialContext", "TrialDiverged", "bound_violation", "check_student_size", "constraint_violation",
+           "device_of", "expected_footprint", "footprint_of", "over_limits", "prepare", "run_trial", "size_bounds"]
 
 
 class Report(Protocol):
@@ -141,17 +141,19 @@ def build_on_meta(build: Callable[[], nn.Module]) -> nn.Module:
         return build()
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def device_of(model: nn.Module) -> torch.device:
+    """Where ``model``'s tensors live (the meta device for :func:`build_on_meta`); the CPU for a model without any."""
     return next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
 
 
 def _structure(space: Space, config: TrialConfig, input_shape: tuple[int, ...], num_classes: int) -> tuple[nn.Module, torch.Tensor]:
     """The student of ``config`` built on the meta device, and an example input beside it."""
     model = build_on_meta(lambda: space.build_student(config, input_shape, num_classes))
-    return model, torch.zeros(1, *input_shape, device=_device_of(model))
+    return model, torch.zeros(1, *input_shape, device=device_of(model))
 
 
-def _footprint(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+def footprint_of(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """Params and MACs of ``model`` on ``example`` (the keys of :data:`STUDENT_LIMITS` and of the constraints)."""
     return {"params": count_params(model), "macs": count_macs(model, example)}
 
 
@@ -175,7 +177,7 @@ def expected_footprint(space: Space, config: TrialConfig, input_shape: tuple[int
     of channels per layer whatever the weights, so it is the trained student's footprint.
     """
     model, example = _structure(space, config, input_shape, num_classes)
-    return _footprint(pruned_structure(model, config, example), example)
+    return footprint_of(pruned_structure(model, config, example), example)
 
 
 def over_limits(footprint: dict[str, int]) -> Optional[str]:
@@ -189,17 +191,26 @@ def over_limits(footprint: dict[str, int]) -> Optional[str]:
 def constraint_violation(space: Space, config: TrialConfig, input_shape: tuple[int, ...], num_classes: int) -> Optional[str]:
     """Why ``config``'s student may not take a worker, or None: over :data:`STUDENT_LIMITS` as built,
     or over the space's ``max_params`` / ``max_macs`` once pruned. All on the meta device."""
-    from kdsearch.spaces.schema import CONSTRAINT_KEYS
-
     model, example = _structure(space, config, input_shape, num_classes)
-    built = _footprint(model, example)
+    built = footprint_of(model, example)
     reason = over_limits(built)
     if reason:
         return reason
-    bounds = {CONSTRAINT_KEYS[k]: v for k, v in space.constraints.items() if CONSTRAINT_KEYS[k] in ("params", "macs")}
-    if all(built[metric] <= bound for metric, bound in bounds.items()):
+    bounds = size_bounds(space)
+    if bound_violation(built, bounds) is None:
         return None  # pruning only removes: no need to prune to know
-    footprint = _footprint(pruned_structure(model, config, example), example)
+    return bound_violation(footprint_of(pruned_structure(model, config, example), example), bounds)
+
+
+def size_bounds(space: Space) -> dict[str, float]:
+    """The space's ``max_params`` / ``max_macs`` by metric: the constraints known before training."""
+    from kdsearch.spaces.schema import CONSTRAINT_KEYS
+
+    return {CONSTRAINT_KEYS[k]: v for k, v in space.constraints.items() if CONSTRAINT_KEYS[k] in ("params", "macs")}
+
+
+def bound_violation(footprint: dict[str, int], bounds: dict[str, float]) -> Optional[str]:
+    """Which of ``bounds`` (:func:`size_bounds`) ``footprint`` breaks, in words (None: none)."""
     for metric, bound in bounds.items():
         if footprint[metric] > bound:
             return f"{metric} {footprint[metric]:,} > max_{metric} {bound:,.0f}"
@@ -209,7 +220,7 @@ def constraint_violation(space: Space, config: TrialConfig, input_shape: tuple[i
 def check_student_size(space: Space, config: TrialConfig, input_shape: tuple[int, ...], num_classes: int) -> None:
     """Refuse, before a real build, a student over :data:`STUDENT_LIMITS`, naming the knob that makes it so."""
     model, example = _structure(space, config, input_shape, num_classes)
-    reason = over_limits(_footprint(model, example))
+    reason = over_limits(footprint_of(model, example))
     if reason is None:
         return
     knob = _size_knob(space, config, input_shape, num_classes)
@@ -246,7 +257,7 @@ def deployed_footprint(student: nn.Module, config: TrialConfig, data: DataBundle
     """
     example = data.train[0][0].unsqueeze(0)
     model = pruned_structure(copy.deepcopy(student).cpu().eval(), config, example)
-    footprint: dict[str, Any] = {**_footprint(model, example), "runtime": runtime.name}
+    footprint: dict[str, Any] = {**footprint_of(model, example), "runtime": runtime.name}
     with tempfile.TemporaryDirectory() as tmp:
         deployed = runtime.deploy(model, config.compress.quantize, calib, data, Path(tmp), meta)
         return footprint, latency_fn(deployed, runtime.example(data), batch_size)
