@@ -62,6 +62,9 @@ class TeacherConfig(Strict):
     path: Optional[str] = None
     module: Optional[str] = None
     state_dict: Optional[str] = None
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                        description="where the teacher phase (training a built-in teacher, filling the store) runs: "
+                                    "auto (cuda when there is one), cpu or cuda")
 
     @model_validator(mode="after")
     def _one_kind(self) -> "TeacherConfig":

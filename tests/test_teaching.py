@@ -112,7 +112,8 @@ def test_crop_on_feature_vectors_is_refused_with_the_field():
         Augment(AugmentConfig(crop_padding=2), (int(np.prod((8, 8))),))
 
 
-def test_a_search_with_two_teachers_runs_end_to_end(tmp_path):
+def test_a_search_with_two_teachers_runs_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDSEARCH_CACHE_DIR", str(tmp_path / "cache"))  # both teachers' stores are built by this search
     space = kdsearch.load_space({
         "name": "two-teachers", "teachers": [TEACHER, {"family": "mlp", "config": {"width": 64}, "epochs": 4}],
         "students": {"mlp": {"width": {"choice": [16, 32]}}},
@@ -124,7 +125,7 @@ def test_a_search_with_two_teachers_runs_end_to_end(tmp_path):
     assert len(result.front) >= 1 and (result.trials.status == "complete").all()
     online = result.trials.teacher_passes.sum()
     assert online == 2 * 2 * len(prepare(space).data.train) * 2, "epochs x trials x samples x teachers"
-    assert result.teacher_passes == online + 2 * len(prepare(space).data.train)
+    assert result.teacher_passes == online + 2 * len(prepare(space).data.train), "+ one clean pass per teacher"
 
 
 def test_trial_reports_teacher_passes(digits_context, digits_space):

@@ -34,16 +34,30 @@ log = logging.getLogger("kdsearch")
 
 
 class TensorData(Dataset):
-    """An in-memory dataset: float inputs ``x`` (N, *shape) and int64 labels ``y`` (N,)."""
+    """An in-memory dataset: float inputs ``x`` (N, *shape) and int64 labels ``y`` (N,).
+
+    Pickled, it travels as two numpy arrays: Ray's object store hands them to every worker of a
+    node zero-copy, so a search holds one copy of the data per node, not one per trial.
+    """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.x, self.y = x, y
+
+    def __reduce__(self) -> tuple[Any, tuple[np.ndarray, np.ndarray]]:
+        return _tensor_data, (self.x.numpy(), self.y.numpy())
 
     def __len__(self) -> int:
         return len(self.y)
 
     def __getitem__(self, i: int):
-        return self.x[i], self.y[i]
+        x = self.x[i]
+        return x if x.is_floating_point() else x.float(), self.y[i]
+
+
+def _tensor_data(x: np.ndarray, y: np.ndarray) -> TensorData:
+    from kdsearch.trainers.store import shared_tensor
+
+    return TensorData(shared_tensor(x), shared_tensor(y))
 
 
 #: what a raw input is, for every source
@@ -235,7 +249,7 @@ def hash_arrays(*arrays: np.ndarray | torch.Tensor) -> str:
     for a in arrays:
         a = a.numpy() if isinstance(a, torch.Tensor) else a
         digest.update(str(a.shape).encode() + str(a.dtype).encode())
-        digest.update(np.ascontiguousarray(a).tobytes())
+        digest.update(memoryview(np.ascontiguousarray(a)).cast("B"))
     return digest.hexdigest()[:16]
 
 
@@ -293,44 +307,86 @@ def in_memory_bundle(x: np.ndarray, y: np.ndarray, config: DataConfig, name: str
     """Split (unless ``val`` is given), divide by ``scale`` and standardise per channel (per
     feature for vectors) with training statistics.
 
-    ``x`` (and ``val``) are raw, as the source gives them; the bundle records ``scale``, mean
-    and std (each ``(C, 1, 1)`` or ``(F,)``) and keeps the raw validation inputs.
+    ``x`` (and ``val``) are raw, as the source gives them (uint8 images stay uint8 until here);
+    the bundle records ``scale``, mean and std (each ``(C, 1, 1)`` or ``(F,)``) and keeps the raw
+    validation inputs in the source's dtype. Rows are converted a chunk at a time into the
+    float32 arrays the models see, so the peak is those arrays plus the source, not a multiple.
     """
-    x_all = torch.as_tensor(np.asarray(x), dtype=torch.float32)
-    y_all = torch.as_tensor(np.asarray(y), dtype=torch.int64)
-    if x_all.ndim == 3:  # (N, H, W) grey images get a channel axis
-        x_all = x_all.unsqueeze(1)
+    x, y = np.asarray(x), np.asarray(y, dtype=np.int64)
+    if x.ndim == 3:  # (N, H, W) grey images get a channel axis
+        x = x[:, None]
     if val is None:
-        train_idx, val_idx = split_indices(len(y_all), config.val_fraction, config.seed)
-        x_tr, y_tr, x_va, y_va = x_all[train_idx], y_all[train_idx], x_all[val_idx], y_all[val_idx]
+        train_idx, val_idx = (i.numpy() for i in split_indices(len(y), config.val_fraction, config.seed))
+        x_va_raw, y_va, (x_tr, broken_tr), (x_va, broken_va) = (
+            x[val_idx], y[val_idx], _float_rows(x, train_idx, scale), _float_rows(x, val_idx, scale))
+        y_tr = y[train_idx]
     else:
-        x_tr, y_tr = x_all, y_all
-        x_va = torch.as_tensor(np.asarray(val[0]), dtype=torch.float32)
-        y_va = torch.as_tensor(np.asarray(val[1]), dtype=torch.int64)
-        if x_va.ndim == 3:
-            x_va = x_va.unsqueeze(1)
-    for inputs, split in ((x_tr, "training"), (x_va, "validation")):
-        check_finite(count_non_finite(inputs), len(inputs), f"{split} samples", "data")
-    raw_va = x_va
-    if scale != 1.0:  # the same float32 division the loaders did in numpy before
-        x_tr, x_va = x_tr / scale, x_va / scale
-    dims = [0] + list(range(2, x_tr.ndim)) if x_tr.ndim > 2 else [0]
-    mean = x_tr.mean(dim=dims, keepdim=True)
-    std = x_tr.std(dim=dims, keepdim=True).clamp_min(1e-6)
-    if scale != 1.0:  # x_tr and x_va are copies made here: standardise in place
-        x_tr, x_va = x_tr.sub_(mean).div_(std), x_va.sub_(mean).div_(std)
-    else:
-        x_tr, x_va = (x_tr - mean) / std, (x_va - mean) / std
-    outliers = int((x_tr.abs().reshape(len(x_tr), -1) > OUTLIER_Z).any(1).sum())
+        x_va_raw, y_va = np.asarray(val[0]), np.asarray(val[1], dtype=np.int64)
+        if x_va_raw.ndim == 3:
+            x_va_raw = x_va_raw[:, None]
+        (x_tr, broken_tr), (x_va, broken_va), y_tr = _float_rows(x, None, scale), _float_rows(x_va_raw, None, scale), y
+    check_finite(broken_tr, len(x_tr), "training samples", "data")
+    check_finite(broken_va, len(x_va), "validation samples", "data")
+    mean, std = _channel_stats(x_tr)
+    outliers = 0
+    for rows in (x_tr, x_va):  # in place, a chunk at a time: no temporary the size of the data
+        for start in range(0, len(rows), CONVERT_CHUNK_ROWS):
+            chunk = rows[start:start + CONVERT_CHUNK_ROWS]
+            chunk -= mean
+            chunk /= std
+            if rows is x_tr:
+                outliers += int((np.abs(chunk).reshape(len(chunk), -1) > OUTLIER_Z).any(1).sum())
     if outliers:  # legal, but usually a unit or encoding mistake that the loss will feel first
         log.warning("data: %d of %d training samples lie over %g standard deviations from the mean",
                     outliers, len(x_tr), OUTLIER_Z)
-    num_classes = int(max(y_tr.max(), y_va.max()).item()) + 1
+    num_classes = int(max(y_tr.max(), y_va.max())) + 1
+    as_tensor = torch.from_numpy
+    raw_va = np.ascontiguousarray(x_va_raw if x_va_raw.dtype == np.uint8 else x_va_raw.astype(np.float32, copy=False))
     return DataBundle(
-        TensorData(x_tr.contiguous(), y_tr), TensorData(x_va.contiguous(), y_va), num_classes,
-        tuple(x_tr.shape[1:]), hash_arrays(x_tr, y_tr, x_va, y_va), name,
-        mean=mean[0].clone(), std=std[0].clone(), scale=float(scale), raw_val=TensorData(raw_va.contiguous(), y_va),
+        TensorData(as_tensor(x_tr), as_tensor(np.ascontiguousarray(y_tr))), TensorData(as_tensor(x_va), as_tensor(y_va)),
+        num_classes, tuple(x_tr.shape[1:]), hash_arrays(x_tr, y_tr, x_va, y_va), name,
+        mean=torch.from_numpy(mean[0].copy()), std=torch.from_numpy(std[0].copy()), scale=float(scale),
+        raw_val=TensorData(as_tensor(raw_va), as_tensor(np.ascontiguousarray(y_va))),
     )
+
+
+#: rows converted (cast, scaled, standardised) at a time
+CONVERT_CHUNK_ROWS = 2048
+
+
+def _float_rows(x: np.ndarray, index: Optional[np.ndarray], scale: float) -> tuple[np.ndarray, int]:
+    """Rows ``index`` of ``x`` (all when None) as a new float32 array divided by ``scale``, filled a chunk
+    at a time; and how many of them hold NaN or infinity as float32 (as models see them)."""
+    n = len(x) if index is None else len(index)
+    out = np.empty((n, *x.shape[1:]), dtype=np.float32)
+    broken = 0
+    for start in range(0, n, CONVERT_CHUNK_ROWS):
+        rows = slice(start, min(n, start + CONVERT_CHUNK_ROWS))
+        with np.errstate(over="ignore", invalid="ignore"):
+            out[rows] = x[rows] if index is None else x[index[rows]]
+        if scale != 1.0:
+            out[rows] /= np.float32(scale)
+        if x.dtype.kind in "fc":
+            broken += int((~np.isfinite(out[rows].reshape(rows.stop - start, -1))).any(1).sum())
+    return out, broken
+
+
+def _channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (per-feature for vectors) mean and sample std of ``x`` as float32, shaped
+    ``(1, C, 1, 1)`` or ``(1, F)``; accumulated in float64 a chunk at a time."""
+    axes = (0, *range(2, x.ndim))
+    total = np.zeros(x.shape[1], np.float64)
+    squares = np.zeros(x.shape[1], np.float64)
+    for start in range(0, len(x), CONVERT_CHUNK_ROWS):
+        chunk = x[start:start + CONVERT_CHUNK_ROWS].astype(np.float64)
+        total += chunk.sum(axis=axes)
+        squares += np.square(chunk).sum(axis=axes)
+    count = x.size // x.shape[1]
+    mean = total / count
+    var = np.maximum(squares - count * mean ** 2, 0.0) / max(count - 1, 1)
+    shape = (1, x.shape[1], *([1] * (x.ndim - 2)))
+    std = np.maximum(np.sqrt(var), 1e-6)
+    return mean.astype(np.float32).reshape(shape), std.astype(np.float32).reshape(shape)
 
 
 @register_source("digits")
@@ -374,7 +430,8 @@ def batches(dataset: Dataset, batch_size: int, *, shuffle: bool = False, seed: i
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
-            yield idx, dataset.x[idx], dataset.y[idx]
+            x = dataset.x[idx]
+            yield idx, x if x.is_floating_point() else x.float(), dataset.y[idx]  # raw uint8 pixels arrive as float32
         return
     loader = DataLoader(
         _Indexed(dataset), batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
@@ -447,9 +504,10 @@ def as_inputs(x: Any, key: str, layout: Optional[str] = None, field: str = "data
     return x
 
 
-def _raw_inputs(x: Any, key: str, layout: Optional[str], field: str) -> tuple[np.ndarray, bool]:
+def _raw_inputs(x: Any, key: str, layout: Optional[str], field: str, keep_uint8: bool = False) -> tuple[np.ndarray, bool]:
     """:func:`as_inputs` without the scaling: float32 values as stored, and whether they are
-    uint8 images (which :func:`as_inputs` divides by 255)."""
+    uint8 images (which :func:`as_inputs` divides by 255). ``keep_uint8``: such images stay uint8
+    (a channels-first view, no copy), for :func:`in_memory_bundle` to convert a chunk at a time."""
     x = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     sample_shape(x.shape, x.dtype, key, layout, field)  # the checks, shared with the probes
     if x.ndim == 3:
@@ -457,6 +515,8 @@ def _raw_inputs(x: Any, key: str, layout: Optional[str], field: str) -> tuple[np
     elif x.ndim == 4 and (layout or _guess_layout(x.shape, key, field)) == "nhwc":
         x = x.transpose(0, 3, 1, 2)
     scale = x.dtype == np.uint8 and x.ndim == 4
+    if scale and keep_uint8:
+        return x, True
     return np.ascontiguousarray(x, dtype=np.float32), bool(scale)
 
 
@@ -493,7 +553,7 @@ def _checked_pair(x: Any, y: Any, xkey: str, ykey: str, layout: Optional[str],
                   field: str = "data.path") -> tuple[np.ndarray, np.ndarray, bool]:
     """Raw inputs (not yet scaled, see :func:`_raw_inputs`), labels and whether the inputs are
     uint8 images of one split, converted and checked to have the same non-zero length."""
-    (x, scale), y = _raw_inputs(x, xkey, layout, field), as_labels(y, ykey, field)
+    (x, scale), y = _raw_inputs(x, xkey, layout, field, keep_uint8=True), as_labels(y, ykey, field)
     check_lengths(len(x), len(y), xkey, ykey, field)
     return x, y, scale
 
@@ -540,7 +600,7 @@ def _arrays_bundle(train: tuple[Any, Any], val: Optional[tuple[Any, Any]], confi
     check_same_samples(tuple(x_va.shape[1:]), tuple(x.shape[1:]), keys[2], keys[0], field)
     count_classes([(keys[1], y), (keys[3], y_va)], field)
     if val_scaled and not scaled:  # val is scaled to [0, 1] by itself, as as_inputs does
-        x_va /= 255.0
+        x_va = x_va.astype(np.float32) / 255.0
     elif scaled and not val_scaled:  # val is already in [0, 1] units: express it in pixel units
         x_va = x_va * 255.0  # not in place: x_va may be the caller's array
     return in_memory_bundle(x, y, config, name, val=(x_va, y_va), scale=scale)
@@ -767,11 +827,11 @@ def load_cifar10(config: DataConfig) -> DataBundle:
     root = _cifar_folder(config)
     parts = [_cifar_batch(root / f) for f in CIFAR10_TRAIN]
     x_va, y_va = _cifar_batch(root / CIFAR10_VAL)
-    x = np.concatenate([p[0] for p in parts]).astype(np.float32)
+    x = np.concatenate([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])
     count_classes([("training labels", y), (f"{CIFAR10_VAL} labels", y_va)])
     # raw uint8 pixel values; in_memory_bundle divides by 255 (and records it) before standardising
-    return in_memory_bundle(x, y, config, "cifar10", val=(x_va.astype(np.float32), y_va), scale=255.0)
+    return in_memory_bundle(x, y, config, "cifar10", val=(x_va, y_va), scale=255.0)
 
 
 # --------------------------------------------------------------------------- image folder

@@ -40,8 +40,10 @@ def train_epoch(modules: nn.Module, dataset: Dataset, batch_size: int, seed: int
                 optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                 step_loss: StepLoss, epoch: int, device: str = "cpu",
                 fractions: Sequence[float] = (), on_fraction: OnFraction | None = None,
-                grad_clip: float = 0.0) -> float:
+                grad_clip: float = 0.0, on_step: Callable[[int], None] | None = None) -> float:
     """One pass over ``dataset``; returns the mean loss, raises :class:`TrialDiverged` on NaN/inf.
+
+    ``on_step(n)`` is told the samples of each step done (a progress bar's ``update``).
 
     ``on_fraction`` is called after the first step at or past each of ``fractions`` (in (0, 1)) with
     the fraction really trained, so an early-stopping rung inside an epoch is judged on time.
@@ -66,6 +68,8 @@ def train_epoch(modules: nn.Module, dataset: Dataset, batch_size: int, seed: int
         scheduler.step()
         total += loss.item() * len(y)
         count += len(y)
+        if on_step is not None:
+            on_step(len(y))
         if on_fraction is not None and due and step == due[0] and step < steps:
             due.pop(0)
             on_fraction(step / steps, total / count)

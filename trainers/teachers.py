@@ -5,8 +5,8 @@ data, its architecture, its training settings and the seed, so later runs (and e
 of a search) reuse it. A teacher may also come from a torch.export (``.pt2``) or TorchScript
 file, or from a ``module:attr`` builder plus a state_dict loaded with ``weights_only=True``.
 
-Teacher outputs on the un-augmented training set are computed once into
-:class:`TeacherTargets`, plain tensors that the driver can put in the Ray object store.
+Teacher outputs on the un-augmented training set are computed once into a memory-mapped,
+content-hashed store (:func:`compute_targets`), opened as :class:`TeacherTargets`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
 
 import torch
 from torch import nn
@@ -36,8 +38,12 @@ from kdsearch.trainers.measure import accuracy, count_macs, count_params, measur
 
 log = logging.getLogger("kdsearch")
 
-#: stage features above this many bytes are not cached; they are recomputed per batch instead
-FEATURE_CACHE_LIMIT = 2 << 30
+#: stage outputs over this many bytes (fp16, on disk) are not stored; hints recompute them per batch instead
+FEATURE_STORE_LIMIT = 16 << 30
+#: bumped when the targets store's layout changes, so old stores are not reused
+TARGETS_VERSION = 1
+#: samples per teacher forward pass while filling the store
+TEACHER_BATCH = 512
 
 
 def cache_dir() -> Path:
@@ -47,19 +53,19 @@ def cache_dir() -> Path:
 
 def teacher_key(config: TeacherConfig, data: DataBundle) -> str:
     """Content hash naming a built-in teacher: same data, architecture, settings, seed -> same file."""
-    payload = json.dumps({"data": data.fingerprint, "teacher": config.model_dump(), "torch": torch.__version__.split("+")[0]},
+    payload = json.dumps({"data": data.fingerprint, "teacher": config.model_dump(exclude={"device"}), "torch": torch.__version__.split("+")[0]},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def train_builtin_teacher(config: TeacherConfig, data: DataBundle) -> nn.Module:
+def train_builtin_teacher(config: TeacherConfig, data: DataBundle, device: str = "cpu") -> nn.Module:
     """Cross-entropy training of the built-in teacher family, on ``teacher.augment``'s views when asked:
     a teacher that has not memorised the training images gives informative soft targets on them."""
     from kdsearch.trainers.augment import Augment
 
     family = get_family(config.family or "")
     torch.manual_seed(config.seed)
-    model = family.build(family.config.model_validate(config.config), data.input_shape, data.num_classes)
+    model = family.build(family.config.model_validate(config.config), data.input_shape, data.num_classes).to(device)
     train = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, optimizer="adamw")
     optimizer = make_optimizer(model.parameters(), train)
     scheduler = cosine_lr(optimizer, train.epochs * steps_per_epoch(data.train, train.batch_size))
@@ -72,9 +78,13 @@ def train_builtin_teacher(config: TeacherConfig, data: DataBundle) -> nn.Module:
         seen = augment.apply(x, augment.sample(len(x), generator), labels=y)
         return nn.functional.cross_entropy(model(seen.x), seen.targets(y, data.num_classes))
 
-    for epoch in range(train.epochs):
-        train_epoch(model, data.train, train.batch_size, config.seed, optimizer, scheduler, step_loss, epoch)
-    return model.eval()
+    from kdsearch.trainers.progress import progress
+
+    with progress(train.epochs * len(data.train), f"training the {config.family} teacher") as advance:
+        for epoch in range(train.epochs):
+            train_epoch(model, data.train, train.batch_size, config.seed, optimizer, scheduler, step_loss, epoch, device,
+                        on_step=advance)
+    return model.cpu().eval()
 
 
 def teacher_field(index: int, count: int) -> str:
@@ -82,7 +92,7 @@ def teacher_field(index: int, count: int) -> str:
     return "teacher" if count == 1 else f"teachers[{index}]"
 
 
-def load_teacher(config: TeacherConfig, data: DataBundle, field: str = "teacher") -> nn.Module:
+def load_teacher(config: TeacherConfig, data: DataBundle, field: str = "teacher", device: str = "cpu") -> nn.Module:
     """The teacher a space declares, in eval mode; a built-in one is trained once and cached.
 
     Every file goes through the safe readers below (:func:`read_exported`, :func:`read_torchscript`,
@@ -96,7 +106,7 @@ def load_teacher(config: TeacherConfig, data: DataBundle, field: str = "teacher"
             model.load_state_dict(read_state_dict(path, f"{field}.family", f"delete {path} to train the teacher again"))
             return model.eval()
         log.info("training the %s teacher (%d epochs); cached at %s for later runs", config.family, config.epochs, path)
-        model = train_builtin_teacher(config, data)
+        model = train_builtin_teacher(config, data, device)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         torch.save(model.state_dict(), tmp)
@@ -268,22 +278,49 @@ def teacher_outputs(teacher: nn.Module, x: torch.Tensor, with_features: bool) ->
 
 @dataclass
 class TeacherTargets:
-    """Teacher logits (and stage outputs, when hints may use them) for every training sample."""
+    """A teacher's outputs on every clean training sample, read from its :class:`~kdsearch.trainers.store.ArrayStore`:
+    fp16 logits, and the stage outputs of the stages hints may ask for (None at the others).
+
+    The tensors are memory maps; pickled (into Ray's object store) they travel as numpy arrays,
+    which every worker of a node reads zero-copy.
+    """
 
     logits: torch.Tensor
-    features: list[torch.Tensor] = field(default_factory=list)
+    features: list[Optional[torch.Tensor]] = field(default_factory=list)
     feature_shapes: list[torch.Size] = field(default_factory=list)
     val_acc: float = 0.0
     description: str = ""
     footprint: dict[str, float] = field(default_factory=dict)  # the teacher's params, macs, size_bytes, latency_ms
-    model: Optional[nn.Module] = None  # for online teaching, stored views, and features too large to cache
+    model: Optional[nn.Module] = None  # for online teaching, stored views, and stages not stored
+    key: str = ""  # the store's content hash
+    passes: int = 0  # teacher forward passes spent building the store here (0: it was reused)
 
-    def batch(self, idx: torch.Tensor, x: torch.Tensor, with_features: bool) -> Outputs:
-        """The cached outputs on clean training samples ``idx`` (stage outputs recomputed when not cached)."""
-        if with_features and not self.features and self.model is not None:
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["logits"] = self.logits.numpy()
+        state["features"] = [None if f is None else f.numpy() for f in self.features]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from kdsearch.trainers.store import shared_tensor
+
+        state["logits"] = shared_tensor(state["logits"])
+        state["features"] = [None if f is None else shared_tensor(f) for f in state["features"]]
+        self.__dict__.update(state)
+
+    def stored(self, stages: Sequence[int]) -> bool:
+        """Whether every one of teacher ``stages`` is served from the store."""
+        return bool(self.features) and all(self.features[t] is not None for t in stages)
+
+    def batch(self, idx: torch.Tensor, x: torch.Tensor, with_features: bool, stages: Sequence[int] = ()) -> Outputs:
+        """The stored outputs on clean training samples ``idx``; stage outputs recomputed when ``stages`` are not stored."""
+        logits = self.logits[idx].to(x.device).float()
+        if not with_features:
+            return Outputs(logits)
+        if not self.stored(stages) and self.model is not None:
             with torch.no_grad():
                 return teacher_outputs(self.model.to(x.device), x, True)
-        return Outputs(self.logits[idx].to(x.device), [f[idx].to(x.device) for f in self.features] if with_features else [])
+        return Outputs(logits, [None if f is None else f[idx].to(x.device).float() for f in self.features])
 
 
 @torch.no_grad()
@@ -304,28 +341,76 @@ def check_outputs(teacher: nn.Module, example: torch.Tensor, num_classes: int, w
     return out
 
 
+def weights_digest(model: nn.Module) -> str:
+    """A teacher's identity without running it: its type and every tensor of its state_dict."""
+    digest = hashlib.sha256(type(model).__name__.encode())
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()[:20]
+
+
+def resolve_device(device: str, field: str = "teacher.device") -> str:
+    """``auto`` -> cuda where this process sees one, else cpu; ``cuda`` without one is one line."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SpaceError(field, f"{device} but this process sees no CUDA device", "use auto or cpu")
+    return device
+
+
 @torch.no_grad()
-def compute_targets(teacher: nn.Module, data: DataBundle, want_features: bool, description: str = "",
-                    field: str = "teacher") -> TeacherTargets:
-    """Run the teacher once over the training set; check it predicts the data's classes."""
+def compute_targets(teacher: nn.Module, data: DataBundle, stages: bool | Sequence[str], description: str = "",
+                    field: str = "teacher", device: str = "cpu") -> TeacherTargets:
+    """The teacher's outputs on the clean training set, from its store: built now (one pass) or reopened.
+
+    ``stages``: the ``distill.hint_stages`` values hints may use (True: all stages, False: none); the
+    stages they select are stored, in fp16, and only while they fit :data:`FEATURE_STORE_LIMIT`. The store
+    is named by the data's fingerprint, the teacher's weights and the stages, so a later search
+    with the same data and teacher runs no teacher pass at all.
+    """
+    from kdsearch.trainers.losses import hinted_stages
+    from kdsearch.trainers.store import open_store
+
     example = data.train[0][0].unsqueeze(0)
-    probe = check_outputs(teacher, example, data.num_classes, want_features, field)
-    shapes = [f.shape for f in probe.features]
-    if want_features and not hasattr(teacher, "forward_stages"):
-        shapes = []
-    per_sample = sum(torch.Size(s[1:]).numel() for s in shapes) * 4
-    cache_features = want_features and per_sample * len(data.train) <= FEATURE_CACHE_LIMIT  # type: ignore[arg-type]
-    logits, features = [], [[] for _ in shapes]
-    for _, x, _ in batches(data.train, 512):
-        out = teacher_outputs(teacher, x, cache_features)
-        logits.append(out.logits.float())
-        for store, f in zip(features, out.features):
-            store.append(f.float())
-    return TeacherTargets(
-        torch.cat(logits), [torch.cat(f) for f in features] if cache_features else [], shapes,
-        accuracy(teacher, data.val), description, footprint(teacher, example),
-        model=teacher,
-    )
+    specs = ["all"] if stages is True else [] if stages is False else [s for s in stages if s != "none"]
+    want = bool(specs)
+    probe = check_outputs(teacher, example, data.num_classes, want, field)
+    shapes = [f.shape for f in probe.features] if want and hasattr(teacher, "forward_stages") else []
+    chosen = sorted({t for spec in specs for t in hinted_stages(spec, len(shapes))})
+    n = len(data.train)
+    per_sample = sum(torch.Size(shapes[t][1:]).numel() for t in chosen) * 2
+    if per_sample * n > FEATURE_STORE_LIMIT:  # type: ignore[operator]
+        log.info("teacher stage outputs (%.1f GB) over the store's limit: hints run the teacher per batch",
+                 per_sample * n / 1e9)
+        chosen = []
+    key = hashlib.sha256(json.dumps({"data": data.fingerprint, "teacher": weights_digest(teacher), "stages": chosen,
+                                     "version": TARGETS_VERSION}).encode()).hexdigest()[:20]
+
+    def build(writer: Any) -> None:
+        from kdsearch.trainers.progress import progress
+
+        model = teacher.to(device)
+        logits = writer.open_rows("logits", (n, data.num_classes), np.float16)
+        outputs = {t: writer.open_rows(f"stage{t}", (n, *shapes[t][1:]), np.float16) for t in chosen}
+        with progress(n, "teacher pass") as advance:
+            for _, x, _ in batches(data.train, TEACHER_BATCH):
+                out = teacher_outputs(model, x.to(device), bool(chosen))
+                logits.write(out.logits.float().cpu().half())
+                for t, rows in outputs.items():
+                    rows.write(out.features[t].float().cpu().half())
+                advance(len(x))
+        for rows in (logits, *outputs.values()):
+            rows.close()
+        writer.meta.update({"val_acc": accuracy(model, data.val, device=device), "footprint": footprint(teacher.cpu(), example),
+                            "stages": chosen, "shapes": [list(s) for s in shapes], "samples": n})
+
+    store = open_store(cache_dir() / "targets", key, build)
+    teacher.cpu()
+    features: list[Optional[torch.Tensor]] = [store.tensor(f"stage{t}") if t in chosen else None for t in range(len(shapes))]
+    return TeacherTargets(store.tensor("logits"), features if chosen else [], shapes, store.meta["val_acc"], description,
+                          store.meta["footprint"], model=teacher, key=key, passes=n if store.built else 0)
 
 
 def footprint(model: nn.Module, example: torch.Tensor) -> dict[str, float]:

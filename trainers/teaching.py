@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -44,11 +43,11 @@ STORE_VERSION = 1
 
 @dataclass
 class ViewStore:
-    """K stored views of every training sample: their parameters and each teacher's logits on them."""
+    """K stored views of every training sample: their parameters and each teacher's logits on them (memory-mapped)."""
 
     params: dict[str, torch.Tensor]  # field -> (K, N, ...)
     logits: torch.Tensor             # (T, K, N, C), float16
-    passes: int                      # teacher passes this process spent building it (0: loaded)
+    passes: int                      # teacher passes this process spent building it (0: reopened)
 
     @property
     def views(self) -> int:
@@ -59,66 +58,63 @@ class ViewStore:
         return ViewParams.from_tensors({k: v[view, index] for k, v in self.params.items()})
 
 
-_STORES: dict[str, ViewStore] = {}  # one copy per process: trials on a reused actor share it
+_STORES: dict[str, ViewStore] = {}  # one map per process: trials on a reused actor share it
 
 
-def store_key(data: DataBundle, teacher_logits: list[torch.Tensor], augment: Augment, views: int, seed: int) -> str:
-    """Content hash of what a store depends on: the data, the teachers (by their outputs), the augmentation, K, the seed."""
-    digest = hashlib.sha256(json.dumps({"data": data.fingerprint, "augment": augment.config.model_dump(), "views": views,
-                                        "seed": seed, "version": STORE_VERSION}, sort_keys=True).encode())
-    for logits in teacher_logits:
-        digest.update(logits.float().numpy().tobytes())
-    return digest.hexdigest()[:20]
+def store_key(data: DataBundle, teacher_keys: list[str], augment: Augment, views: int, seed: int) -> str:
+    """Content hash of what a store depends on: the data, the teachers (their targets stores' keys), the augmentation, K, the seed."""
+    return hashlib.sha256(json.dumps({"data": data.fingerprint, "teachers": teacher_keys, "augment": augment.config.model_dump(),
+                                      "views": views, "seed": seed, "version": STORE_VERSION},
+                                     sort_keys=True).encode()).hexdigest()[:20]
 
 
-def view_store(data: DataBundle, teachers: list[nn.Module], teacher_logits: list[torch.Tensor], augment: Augment,
+def view_store(data: DataBundle, teachers: list[nn.Module], teacher_keys: list[str], augment: Augment,
                views: int, seed: int, device: str = "cpu") -> ViewStore:
     """The store for these teachers, augmentation and K: from this process, from disk, or built (and saved) now."""
-    from filelock import FileLock
-    from safetensors.torch import load_file, save_file
-
+    from kdsearch.trainers.store import open_store
     from kdsearch.trainers.teachers import cache_dir
 
-    key = store_key(data, teacher_logits, augment, views, seed)
+    key = store_key(data, teacher_keys, augment, views, seed)
     if key in _STORES:
         return ViewStore(_STORES[key].params, _STORES[key].logits, 0)
-    path = cache_dir() / "views" / f"{key}.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):  # concurrent trials of one search build it once
-        if path.is_file():
-            tensors = load_file(str(path))
-            store = ViewStore({k[len("params."):]: v for k, v in tensors.items() if k.startswith("params.")},
-                              tensors["logits"], 0)
-        else:
-            store = build_view_store(data, teachers, augment, views, seed, device)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            save_file({"logits": store.logits, **{f"params.{k}": v.contiguous() for k, v in store.params.items()}}, str(tmp))
-            tmp.replace(path)
-    _STORES[key] = store
-    return store
+    built: list[int] = []
+
+    def build(writer: Any) -> None:
+        built.append(write_view_store(writer, data, teachers, augment, views, seed, device))
+
+    store = open_store(cache_dir() / "views", key, build)
+    params = {name[len("params."):]: store.tensor(name) for name in store.names() if name.startswith("params.")}
+    _STORES[key] = ViewStore(params, store.tensor("logits"), 0)
+    return ViewStore(params, _STORES[key].logits, built[0] if built else 0)
 
 
 @torch.no_grad()
-def build_view_store(data: DataBundle, teachers: list[nn.Module], augment: Augment, views: int, seed: int,
-                     device: str = "cpu") -> ViewStore:
-    """Draw K views' parameters for every training sample and run every teacher on each view once."""
+def write_view_store(writer: Any, data: DataBundle, teachers: list[nn.Module], augment: Augment, views: int, seed: int,
+                     device: str = "cpu") -> int:
+    """Draw K views' parameters for every training sample, run every teacher on each view once, write
+    both; returns the teacher passes made."""
     train = data.train
     if not isinstance(train, TensorData):
         raise SpaceError("distill.teacher_views", "stored views need in-memory data", "use teacher_views: online")
     n = len(train)
     log.info("computing the teachers' outputs on %d views of %d samples (once; kept for later trials)", views, n)
     params: list[ViewParams] = []
-    logits = [[] for _ in teachers]
+    logits = torch.empty(len(teachers), views, n, data.num_classes, dtype=torch.float16)
+    models = [t.to(device) for t in teachers]
     for view in range(views):
         generator = torch.Generator().manual_seed(seed * 1_000_003 + view)
         params.append(augment.sample(n, generator, partners=torch.randperm(n, generator=generator)))
         for start in range(0, n, 512):
             index = torch.arange(start, min(n, start + 512))
             seen = replay(augment, train, params[-1].rows, index)
-            for store, teacher in zip(logits, teachers):
-                store.append(teacher.to(device)(seen.x.to(device)).float().cpu().half())
-    stacked = {k: torch.stack([p.tensors()[k] for p in params]) for k in params[0].tensors()}
-    return ViewStore(stacked, torch.stack([torch.stack(torch.cat(t).split(n)) for t in logits]), views * n * len(teachers))
+            for t, model in enumerate(models):
+                logits[t, view, start:start + len(index)] = model(seen.x.to(device)).float().cpu().half()
+    for teacher in teachers:
+        teacher.cpu()
+    for name in params[0].tensors():
+        writer.put(f"params.{name}", torch.stack([p.tensors()[name] for p in params]))
+    writer.put("logits", logits)
+    return views * n * len(teachers)
 
 
 def replay(augment: Augment, train: TensorData, params_of: Callable[[torch.Tensor], ViewParams],
@@ -147,13 +143,17 @@ class Teaching:
         if hint >= len(self.targets):
             raise SpaceError("distill.hint_teacher", f"{hint} but the space has {len(self.targets)} teachers",
                              f"use 0..{len(self.targets) - 1}")
+        from kdsearch.trainers.losses import hinted_stages
+
+        self.hint_stages = hinted_stages(config.distill.hint_stages, len(self.targets[hint].feature_shapes))
         self.passes = 0
+        self.hint_batches = self.hint_batches_stored = 0  # batches with hints, and those served from the store
         self.generator = torch.Generator().manual_seed(seed)
         self.store: Optional[ViewStore] = None
         self.view_of: Optional[torch.Tensor] = None
         views = config.distill.teacher_views
         if self.augment.active and views != "online":
-            self.store = view_store(self.data, [t.model for t in self.targets], [t.logits for t in self.targets],
+            self.store = view_store(self.data, [t.model for t in self.targets], [t.key for t in self.targets],
                                     self.augment, int(views), context.view_seed, device)
             self.passes += self.store.passes
 
@@ -180,8 +180,14 @@ class Teaching:
         """``(student input, teachers, loss targets)`` for the training samples ``idx`` (inputs ``x``, labels ``y``)."""
         hint = self.config.distill.hint_teacher if with_features else -1
         count = len(self.targets)
+        if hint >= 0:
+            self.hint_batches += 1
         if not self.augment.active:
-            outputs = [self.targets[t].batch(idx, x, t == hint) for t in range(count)]
+            if hint >= 0 and self.targets[hint].stored(self.hint_stages):
+                self.hint_batches_stored += 1
+            elif hint >= 0:
+                self.passes += len(x)  # the hint teacher recomputes its stages on this batch
+            outputs = [self.targets[t].batch(idx, x, t == hint, self.hint_stages) for t in range(count)]
             targets = y
         elif self.store is None:  # online: every teacher on the student's own augmented batch
             seen = self.augment.apply(x, self.augment.sample(len(x), self.generator), labels=y)

@@ -103,21 +103,28 @@ def check_hint_stages(space: Space, index: int, stages: Optional[int]) -> None:
 
 
 def prepare(space: Space) -> TrialContext:
-    """Load the data, load (or train and cache) each teacher, and run it once over the clean data.
+    """Load the data, load (or train and cache) each teacher, and open its output store (one pass to build it).
 
-    The checks are the probe's (:mod:`kdsearch.trainers.probes`), made on the real data and teachers.
+    Only the stages ``distill.hint_stages`` can ask for are stored. The teacher phase runs on
+    ``teacher.device``. The checks are the probe's (:mod:`kdsearch.trainers.probes`), made on
+    the real data and teachers.
     """
+    from kdsearch.trainers.teachers import resolve_device
+
     data = load_data(space.data)
     hinted = hint_teachers(space)
     teachers = []
     for index, config in enumerate(space.teachers):
         field = teacher_field(index, len(space.teachers))
+        device = resolve_device(config.device, f"{field}.device")
         described = config.family or config.path or config.module or ""
-        targets = compute_targets(load_teacher(config, data, field), data, index in hinted, described, field)
+        teacher = load_teacher(config, data, field, device)
+        specs = [str(v) for v in knob_values(space, "distill.hint_stages", "none")] if index in hinted else []
+        targets = compute_targets(teacher, data, specs, described, field, device)
         if index in hinted:
             check_hint_stages(space, index, len(targets.feature_shapes))
         teachers.append(targets)
-    return TrialContext(data, teachers, view_seed=space.data.seed, teacher_passes=len(data.train) * len(teachers))
+    return TrialContext(data, teachers, view_seed=space.data.seed, teacher_passes=sum(t.passes for t in teachers))
 
 
 # --------------------------------------------------------------------------- footprints, without building
@@ -333,6 +340,11 @@ def run_trial(space: Space, params: dict[str, Any], report: Optional[Report] = N
     for torch. Its latency (every report), final ``val_acc`` and ``size_bytes`` are that file's,
     in that runtime; ``runtime``, ``artifact`` and ``artifact_sha256`` name it. ``artifact_dir``
     keeps the files.
+
+    Validation passes: one per report before the last, one of the deployed file, and one of the
+    float student on the CPU where no other pass measured it (``val_acc_checkpoint`` beside an
+    ONNX file; ``val_acc_distilled`` of an unpruned student shipped quantized). The last epoch
+    takes no pass of its own: the final report's ``val_acc`` is the deployed file's.
     """
     started = time.perf_counter()
     config = space.resolve(params)
@@ -356,24 +368,32 @@ def run_trial(space: Space, params: dict[str, Any], report: Optional[Report] = N
     finetune_epochs = config.compress.finetune_epochs if prune else 0
     last_epoch = distil_epochs + finetune_epochs
     pending: dict[str, Any] = {}
+    distilled_acc: Optional[float] = None  # the float student's, after distillation (before pruning)
+
+    def progress(epoch: float, loss: float, phase: str, validate: bool = True) -> dict[str, Any]:
+        """A report's metrics; ``validate``: with ``val_acc``, one validation pass of the student as it is now."""
+        val = {"val_acc": accuracy(student, data.val, device=device)} if validate else {}
+        return {"epoch": epoch, **val, "train_loss": loss, "phase": phase, "teacher_passes": teaching.passes,
+                **footprint}
 
     def epoch_done(epoch: int, loss: float, phase: str, state: Optional[dict] = None) -> None:
-        nonlocal pending
-        pending = {"epoch": epoch, "val_acc": accuracy(student, data.val, device=device), "train_loss": loss,
-                   "phase": phase, "teacher_passes": teaching.passes, **footprint}
+        nonlocal pending, distilled_acc
         if epoch == last_epoch:
-            return  # the last epoch is reported with the final measurement
+            # reported with the final measurement, whose val_acc is the deployed file's: no pass here
+            pending = progress(epoch, loss, phase, validate=False)
+            return
+        metrics = progress(epoch, loss, phase)
+        if phase == "distill" and epoch == distil_epochs:
+            distilled_acc = metrics["val_acc"]  # val_acc_distilled: no second pass after the loop
         if checkpoint_state and state is not None:
-            emit(pending, state=state)
+            emit(metrics, state=state)
         else:
-            emit(pending)
-        pending = {}
+            emit(metrics)
 
     def inside(epoch: int, phase: str) -> tuple[list[float], OnFraction]:
         """The report points inside epoch ``epoch`` (0-based) as fractions of it, and what reports them."""
         def report_fraction(fraction: float, loss: float) -> None:
-            emit({"epoch": epoch + fraction, "val_acc": accuracy(student, data.val, device=device), "train_loss": loss,
-                  "phase": phase, "teacher_passes": teaching.passes, **footprint})
+            emit(progress(epoch + fraction, loss, phase))
         return [point - epoch for point in report_at if epoch < point < epoch + 1], report_fraction
 
     teaching = Teaching(context, config, device, seed)
@@ -382,7 +402,8 @@ def run_trial(space: Space, params: dict[str, Any], report: Optional[Report] = N
     for epoch in range(start_epoch, distil_epochs):
         loss = distiller.epoch(epoch, seed, *inside(epoch, "distill"))
         epoch_done(epoch + 1, loss, "distill", distiller.state(epoch + 1) if checkpoint_state else None)
-    distilled_acc = accuracy(student, data.val, device=device)
+    if prune and distilled_acc is None:  # resumed past distillation, or no fine-tuning: not measured yet
+        distilled_acc = accuracy(student, data.val, device=device)
 
     example = example.to(device)
     if prune:
@@ -402,10 +423,15 @@ def run_trial(space: Space, params: dict[str, Any], report: Optional[Report] = N
         folder = Path(artifact_dir or tmp)
         deployed = runtime.deploy(student, config.compress.quantize, calib, data, folder, meta)
         final_acc = runtime.accuracy(deployed, data)  # of the shipped file, in its runtime
-        checkpoint_acc = final_acc
-        if deployed.path.name != CHECKPOINT:  # the float student, which the other export formats are built from
+        ships_checkpoint = deployed.path.name == CHECKPOINT
+        if not ships_checkpoint:  # the float student, which the other export formats are built from
             save_student(student, folder / CHECKPOINT, meta=meta)
-            checkpoint_acc = accuracy(student, data.val)
+    float_acc: Optional[float] = None  # measured only when a metric needs it
+    if not ships_checkpoint or distilled_acc is None:
+        float_acc = float_accuracy(student, deployed, final_acc, data)
+    checkpoint_acc = final_acc if ships_checkpoint else float_acc
+    if distilled_acc is None:
+        distilled_acc = float_acc  # unpruned: the distilled student is the float student
     final = {
         **pending,
         "epoch": last_epoch,
@@ -426,6 +452,17 @@ def run_trial(space: Space, params: dict[str, Any], report: Optional[Report] = N
     }
     emit(final)
     return {**final, "config": dict(config.params)}
+
+
+def float_accuracy(student: nn.Module, deployed: Deployed, deployed_acc: float, data: DataBundle) -> float:
+    """The float student's validation accuracy on the CPU, as ``student.pt`` runs in torch.
+
+    One pass, unless the deployed file is this very model (torch, no quantization): then it is
+    the deployed file's figure, already measured.
+    """
+    if deployed.path.name == CHECKPOINT and deployed.handle is student:
+        return deployed_acc
+    return accuracy(student, data.val)
 
 
 def _batch_loss(model: nn.Module, data: DataBundle, targets: TeacherTargets, config: TrialConfig, device: str) -> torch.Tensor:
