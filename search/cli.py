@@ -304,6 +304,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     _quiet(args.verbose)
     install_cli_handlers()
+    if sys.stderr.isatty():  # a bar for the teacher phase where someone watches; logs stay clean
+        from kdsearch.trainers.progress import show_progress, tqdm_reporter
+
+        show_progress(tqdm_reporter)
     try:
         return args.func(args)
     except KdsearchError as exc:

@@ -44,6 +44,8 @@ class DataConfig(Strict):
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     seed: int = 0
     image_size: Optional[int] = Field(None, ge=4, description="image_folder: resize to this square size")
+    num_workers: Optional[int] = Field(None, ge=0, description="image_folder: loader processes decoding images "
+                                                                "(default: the trial's CPUs; 0 decodes in the trial)")
     options: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for a module:attr source")
 
 

@@ -239,6 +239,22 @@ def test_image_folder_lazy_matches_memory(tmp_path: Path, monkeypatch: pytest.Mo
     assert load_data(config).fingerprint != lazy.fingerprint
 
 
+def test_image_folder_decodes_each_image_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first pass fills the decoded-image cache (from loader processes); later passes never open an image file."""
+    monkeypatch.setenv("KDSEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "IN_MEMORY_MAX_IMAGES", 0)
+    root = write_folder(tmp_path / "imgs")
+    config = DataConfig(source="image_folder", path=str(root), image_size=8, seed=3, num_workers=2)
+    lazy = load_data(config)
+    assert lazy.train.num_workers == 2
+    first = all_batches(lazy.train)  # two loader processes write the cache
+    reloaded = load_data(config)  # a new dataset object: the cache is on disk
+    opened: list[str] = []
+    monkeypatch.setattr(data, "read_image", lambda *args: opened.append(args[0]))
+    again = all_batches(reloaded.train, num_workers=0)
+    assert opened == [] and all(torch.equal(a, b) for a, b in zip(first, again))
+
+
 def test_image_folder_lazy_samples_stats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = write_folder(tmp_path / "imgs", per_class=10)
     monkeypatch.setattr(data, "IN_MEMORY_MAX_IMAGES", 0)

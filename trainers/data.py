@@ -328,10 +328,10 @@ def in_memory_bundle(x: np.ndarray, y: np.ndarray, config: DataConfig, name: str
     check_finite(broken_tr, len(x_tr), "training samples", "data")
     check_finite(broken_va, len(x_va), "validation samples", "data")
     mean, std = _channel_stats(x_tr)
-    outliers = 0
+    outliers, step = 0, _chunk_rows(x_tr)
     for rows in (x_tr, x_va):  # in place, a chunk at a time: no temporary the size of the data
-        for start in range(0, len(rows), CONVERT_CHUNK_ROWS):
-            chunk = rows[start:start + CONVERT_CHUNK_ROWS]
+        for start in range(0, len(rows), step):
+            chunk = rows[start:start + step]
             chunk -= mean
             chunk /= std
             if rows is x_tr:
@@ -350,8 +350,12 @@ def in_memory_bundle(x: np.ndarray, y: np.ndarray, config: DataConfig, name: str
     )
 
 
-#: rows converted (cast, scaled, standardised) at a time
-CONVERT_CHUNK_ROWS = 2048
+#: bytes of float32 rows converted (cast, scaled, standardised) at a time: temporaries stay this small
+CONVERT_CHUNK_BYTES = 8 << 20
+
+
+def _chunk_rows(x: np.ndarray) -> int:
+    return max(1, CONVERT_CHUNK_BYTES // max(1, int(np.prod(x.shape[1:])) * 4))
 
 
 def _float_rows(x: np.ndarray, index: Optional[np.ndarray], scale: float) -> tuple[np.ndarray, int]:
@@ -359,9 +363,9 @@ def _float_rows(x: np.ndarray, index: Optional[np.ndarray], scale: float) -> tup
     at a time; and how many of them hold NaN or infinity as float32 (as models see them)."""
     n = len(x) if index is None else len(index)
     out = np.empty((n, *x.shape[1:]), dtype=np.float32)
-    broken = 0
-    for start in range(0, n, CONVERT_CHUNK_ROWS):
-        rows = slice(start, min(n, start + CONVERT_CHUNK_ROWS))
+    broken, step = 0, _chunk_rows(x)
+    for start in range(0, n, step):
+        rows = slice(start, min(n, start + step))
         with np.errstate(over="ignore", invalid="ignore"):
             out[rows] = x[rows] if index is None else x[index[rows]]
         if scale != 1.0:
@@ -377,8 +381,9 @@ def _channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     axes = (0, *range(2, x.ndim))
     total = np.zeros(x.shape[1], np.float64)
     squares = np.zeros(x.shape[1], np.float64)
-    for start in range(0, len(x), CONVERT_CHUNK_ROWS):
-        chunk = x[start:start + CONVERT_CHUNK_ROWS].astype(np.float64)
+    step = _chunk_rows(x) // 2  # float64: twice the bytes
+    for start in range(0, len(x), max(1, step)):
+        chunk = x[start:start + max(1, step)].astype(np.float64)
         total += chunk.sum(axis=axes)
         squares += np.square(chunk).sum(axis=axes)
     count = x.size // x.shape[1]
@@ -423,8 +428,9 @@ class _Indexed(Dataset):
 
 
 def batches(dataset: Dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-            num_workers: int = 2) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield ``(indices, x, y)`` batches: index slicing in memory, a DataLoader otherwise."""
+            num_workers: Optional[int] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield ``(indices, x, y)`` batches: index slicing in memory, a DataLoader otherwise, with
+    ``num_workers`` loader processes (None: the dataset's ``num_workers``, else the trial's CPUs)."""
     if isinstance(dataset, TensorData):
         n = len(dataset)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
@@ -433,6 +439,10 @@ def batches(dataset: Dataset, batch_size: int, *, shuffle: bool = False, seed: i
             x = dataset.x[idx]
             yield idx, x if x.is_floating_point() else x.float(), dataset.y[idx]  # raw uint8 pixels arrive as float32
         return
+    if num_workers is None:
+        num_workers = getattr(dataset, "num_workers", None)
+    if num_workers is None:
+        num_workers = torch.get_num_threads()  # the trainable sets it to the trial's CPUs
     loader = DataLoader(
         _Indexed(dataset), batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed), persistent_workers=False,
@@ -942,11 +952,15 @@ class ImageFolderData(Dataset):
     """Images read from disk on ``__getitem__``: converted, resized, scaled and standardised.
 
     Used for folders too large to hold in memory; :func:`batches` streams it through a
-    DataLoader with workers, so it holds only plain paths and small tensors (picklable).
+    DataLoader with ``num_workers`` processes (None: the trial's CPUs), so it holds only plain
+    paths and small tensors (picklable). With ``cache``, each image is decoded and resized once:
+    its uint8 pixels go into a memory-mapped file that every later epoch, trial and loader
+    process reads instead of the JPEG.
     """
 
     def __init__(self, files: Sequence[str | Path], labels: Sequence[int], mode: str, size: tuple[int, int],
-                 mean: torch.Tensor, std: torch.Tensor, num_classes: int, raw: bool = False) -> None:
+                 mean: torch.Tensor, std: torch.Tensor, num_classes: int, raw: bool = False,
+                 cache: Optional[Path] = None, num_workers: Optional[int] = None) -> None:
         if len(files) != len(labels):
             raise ValueError(f"{len(files)} files but {len(labels)} labels")
         self.files = [str(f) for f in files]
@@ -956,12 +970,44 @@ class ImageFolderData(Dataset):
         self.num_classes = num_classes
         #: raw: the pixel values as float32 0..255, neither scaled nor standardised
         self.raw = raw
+        self.cache, self.num_workers = cache, num_workers
+        self._maps: Optional[tuple[np.ndarray, np.ndarray]] = None  # (pixels, decoded flags), opened per process
 
     def __len__(self) -> int:
         return len(self.files)
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_maps": None}  # maps are reopened where the dataset lands
+
+    def _cached_maps(self) -> tuple[np.ndarray, np.ndarray]:
+        """The cache's pixel and flag arrays, created (once, under a lock) on first use."""
+        if self._maps is None:
+            from filelock import FileLock
+
+            assert self.cache is not None
+            channels = 1 if self.mode == "L" else 3
+            shape = (len(self.files), channels, self.size[1], self.size[0])
+            self.cache.mkdir(parents=True, exist_ok=True)
+            pixels, flags = self.cache / "pixels.npy", self.cache / "decoded.npy"
+            with FileLock(str(self.cache) + ".lock"):
+                if not flags.is_file():
+                    np.lib.format.open_memmap(pixels, mode="w+", dtype=np.uint8, shape=shape).flush()
+                    np.lib.format.open_memmap(flags, mode="w+", dtype=np.uint8, shape=(len(self.files),)).flush()
+            self._maps = (np.load(pixels, mmap_mode="r+"), np.load(flags, mmap_mode="r+"))
+        return self._maps
+
+    def pixels(self, i: int) -> np.ndarray:
+        """Image ``i`` as uint8 (C, H, W), from the cache when it was decoded before."""
+        if self.cache is None:
+            return read_image(self.files[i], self.mode, self.size)
+        pixels, decoded = self._cached_maps()
+        if not decoded[i]:
+            pixels[i] = read_image(self.files[i], self.mode, self.size)
+            decoded[i] = 1  # after the pixels: a reader that sees the flag sees the image
+        return np.array(pixels[i])
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x = torch.from_numpy(read_image(self.files[i], self.mode, self.size)).float()
+        x = torch.from_numpy(self.pixels(i)).float()
         if self.raw:
             return x, self.labels[i]
         x = x.div_(255.0)
@@ -1011,19 +1057,23 @@ def load_image_folder(config: DataConfig) -> DataBundle:
     root, classes, files, labels, mode, size = _scan_folder(config)
     channels = 1 if mode == "L" else 3
     if len(files) <= IN_MEMORY_MAX_IMAGES and len(files) * channels * size[0] * size[1] * 4 <= IN_MEMORY_MAX_BYTES:
-        x = np.stack([read_image(f, mode, size) for f in files]).astype(np.float32)
+        x = np.stack([read_image(f, mode, size) for f in files])  # uint8: in_memory_bundle converts it a chunk at a time
         return in_memory_bundle(x, np.asarray(labels), config, "image_folder", scale=255.0)
     train_idx, val_idx = split_indices(len(files), config.val_fraction, config.seed)
     train_files = [files[i] for i in train_idx.tolist()]
     n_train = len(train_files)
     sample = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed))[:STATS_SAMPLE_SIZE]
     mean, std = image_stats([train_files[i] for i in sorted(sample.tolist())], mode, size)
-    make = lambda idx, raw=False: ImageFolderData([files[i] for i in idx], [labels[i] for i in idx], mode, size,  # noqa: E731
-                                                  mean, std, len(classes), raw)
+    fingerprint = _folder_fingerprint(root, files, config, mode, size)
+    from kdsearch.trainers.teachers import cache_dir
+
+    def make(idx: list[int], split: str, raw: bool = False) -> ImageFolderData:
+        return ImageFolderData([files[i] for i in idx], [labels[i] for i in idx], mode, size, mean, std, len(classes), raw,
+                               cache=cache_dir() / "images" / f"{fingerprint}-{split}", num_workers=config.num_workers)
+
     return DataBundle(
-        make(train_idx.tolist()), make(val_idx.tolist()), len(classes), (channels, size[1], size[0]),
-        _folder_fingerprint(root, files, config, mode, size), "image_folder",
-        mean=mean, std=std, scale=255.0, raw_val=make(val_idx.tolist(), raw=True),
+        make(train_idx.tolist(), "train"), make(val_idx.tolist(), "val"), len(classes), (channels, size[1], size[0]),
+        fingerprint, "image_folder", mean=mean, std=std, scale=255.0, raw_val=make(val_idx.tolist(), "val", raw=True),
     )
 
 

@@ -25,13 +25,14 @@ from kdsearch.trainers.data import batches
 
 @torch.inference_mode()
 def accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 512, device: str = "cpu") -> float:
-    """Top-1 accuracy over ``dataset``."""
+    """Top-1 accuracy over ``dataset`` (in inference mode: no graph, no saved activations)."""
     model.eval()
     correct = total = 0
-    for _, x, y in batches(dataset, batch_size):
-        pred = model(x.to(device)).argmax(dim=-1).cpu()
-        correct += int((pred == y).sum())
-        total += len(y)
+    with torch.inference_mode():
+        for _, x, y in batches(dataset, batch_size):
+            pred = model(x.to(device)).argmax(dim=-1).cpu()
+            correct += int((pred == y).sum())
+            total += len(y)
     return correct / max(total, 1)
 
 

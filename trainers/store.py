@@ -36,7 +36,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-__all__ = ["ArrayStore", "StoreWriter", "open_store", "shared_tensor"]
+__all__ = ["ArrayStore", "StoreWriter", "open_store", "release_memory", "shared_tensor"]
 
 #: rows written per chunk: the writer streams to disk, memory stays flat whatever the store's size
 WRITE_CHUNK_ROWS = 4096
@@ -51,6 +51,23 @@ def shared_tensor(array: np.ndarray) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(array)
+
+
+def release_memory() -> None:
+    """Hand memory freed by a finished phase (a teacher's training) back to the OS before the next one.
+
+    glibc keeps freed mid-sized blocks in its heap (its mmap threshold grows as large blocks are
+    freed), so without this the teacher pass would stack its batches on top of training's high
+    water mark. Elsewhere than glibc it does nothing.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class StoreWriter:

@@ -42,8 +42,8 @@ log = logging.getLogger("kdsearch")
 FEATURE_STORE_LIMIT = 16 << 30
 #: bumped when the targets store's layout changes, so old stores are not reused
 TARGETS_VERSION = 1
-#: samples per teacher forward pass while filling the store
-TEACHER_BATCH = 512
+#: activation memory a teacher pass may take: its batch is sized from the teacher's stage outputs to fit
+TEACHER_PASS_BYTES = 256 << 20
 
 
 def cache_dir() -> Path:
@@ -80,10 +80,14 @@ def train_builtin_teacher(config: TeacherConfig, data: DataBundle, device: str =
 
     from kdsearch.trainers.progress import progress
 
+    from kdsearch.trainers.store import release_memory
+
     with progress(train.epochs * len(data.train), f"training the {config.family} teacher") as advance:
         for epoch in range(train.epochs):
             train_epoch(model, data.train, train.batch_size, config.seed, optimizer, scheduler, step_loss, epoch, device,
                         on_step=advance)
+    del optimizer, scheduler
+    release_memory()
     return model.cpu().eval()
 
 
@@ -375,9 +379,9 @@ def compute_targets(teacher: nn.Module, data: DataBundle, stages: bool | Sequenc
 
     example = data.train[0][0].unsqueeze(0)
     specs = ["all"] if stages is True else [] if stages is False else [s for s in stages if s != "none"]
-    want = bool(specs)
-    probe = check_outputs(teacher, example, data.num_classes, want, field)
-    shapes = [f.shape for f in probe.features] if want and hasattr(teacher, "forward_stages") else []
+    staged = hasattr(teacher, "forward_stages")
+    probe = check_outputs(teacher, example, data.num_classes, staged, field)
+    shapes = [f.shape for f in probe.features] if staged else []
     chosen = sorted({t for spec in specs for t in hinted_stages(spec, len(shapes))})
     n = len(data.train)
     per_sample = sum(torch.Size(shapes[t][1:]).numel() for t in chosen) * 2
@@ -385,6 +389,9 @@ def compute_targets(teacher: nn.Module, data: DataBundle, stages: bool | Sequenc
         log.info("teacher stage outputs (%.1f GB) over the store's limit: hints run the teacher per batch",
                  per_sample * n / 1e9)
         chosen = []
+    # a few live tensors the size of the stage outputs per sample: the pass stays within TEACHER_PASS_BYTES
+    activations = 4 * 4 * max(sum(torch.Size(s[1:]).numel() for s in shapes), example.numel())
+    pass_batch = int(min(1024, max(16, TEACHER_PASS_BYTES // activations)))
     key = hashlib.sha256(json.dumps({"data": data.fingerprint, "teacher": weights_digest(teacher), "stages": chosen,
                                      "version": TARGETS_VERSION}).encode()).hexdigest()[:20]
 
@@ -395,7 +402,7 @@ def compute_targets(teacher: nn.Module, data: DataBundle, stages: bool | Sequenc
         logits = writer.open_rows("logits", (n, data.num_classes), np.float16)
         outputs = {t: writer.open_rows(f"stage{t}", (n, *shapes[t][1:]), np.float16) for t in chosen}
         with progress(n, "teacher pass") as advance:
-            for _, x, _ in batches(data.train, TEACHER_BATCH):
+            for _, x, _ in batches(data.train, pass_batch):
                 out = teacher_outputs(model, x.to(device), bool(chosen))
                 logits.write(out.logits.float().cpu().half())
                 for t, rows in outputs.items():
@@ -403,7 +410,7 @@ def compute_targets(teacher: nn.Module, data: DataBundle, stages: bool | Sequenc
                 advance(len(x))
         for rows in (logits, *outputs.values()):
             rows.close()
-        writer.meta.update({"val_acc": accuracy(model, data.val, device=device), "footprint": footprint(teacher.cpu(), example),
+        writer.meta.update({"val_acc": accuracy(model, data.val, pass_batch, device), "footprint": footprint(teacher.cpu(), example),
                             "stages": chosen, "shapes": [list(s) for s in shapes], "samples": n})
 
     store = open_store(cache_dir() / "targets", key, build)
