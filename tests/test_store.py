@@ -66,3 +66,34 @@ def test_a_second_search_with_the_same_data_and_teacher_reuses_the_store(tmp_pat
     train = len(prepare(space).data.train)
     assert [r.teacher_passes for r in runs] == [train, 0], "the first search fills the store, the second runs no pass"
     assert len(list((tmp_path / "cache" / "targets").glob("*/meta.json"))) == 1
+
+
+def test_without_a_gpu_here_the_teacher_phase_runs_as_a_gpu_task_on_the_cluster(tmp_path, monkeypatch):
+    """A cluster with a GPU (here a logical one: the task finds no CUDA and uses the CPU) prepares the context;
+    the driver's own prepare is never called, and the arrays come back equal."""
+    import ray
+
+    from kdsearch.search.teacher_phase import prepare_where_the_gpu_is, wants_gpu
+
+    monkeypatch.setenv("KDSEARCH_CACHE_DIR", str(tmp_path))
+    space = hinted_space("none", name="gpu-task")
+    assert wants_gpu(space) and not wants_gpu(kdsearch.load_space({**space_dict(space), "teacher": {**TEACHER, "device": "cpu"}}))
+
+    def not_here(_space):
+        raise AssertionError("the driver has no GPU: the phase belongs on the cluster's")
+
+    ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"KDSEARCH_CACHE_DIR": str(tmp_path)}})
+    try:
+        remote = prepare_where_the_gpu_is(space, "cluster", not_here)
+    finally:
+        ray.shutdown()
+    local = prepare(space)
+    assert remote.targets.key == local.targets.key and torch.equal(remote.targets.logits, local.targets.logits)
+    assert prepare_where_the_gpu_is(space, None, lambda s: "local") == "local", "no cluster: the driver prepares"
+
+
+def space_dict(space):
+    import yaml
+
+    return yaml.safe_load(space.text)
