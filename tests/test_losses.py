@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from kdsearch.spaces import DistillConfig, PinnedSuggester, RandomSuggester, SpaceError, load_space
 from kdsearch.spaces.registry import LOSSES
-from kdsearch.trainers.losses import (FeatureHints, LogitTerm, Outputs, Teachers, build_distill_loss, hinted_stages,
-                                      kd_loss, paired_student_stage, register_term)
+from kdsearch.trainers.losses import (FeatureHints, HintAdapter, LogitTerm, Outputs, Teachers, build_distill_loss,
+                                      hinted_stages, kd_loss, paired_student_stage, register_term)
 
 # a fixed batch: 3 samples, 4 classes
 S = torch.tensor([[1.0, 2.0, 0.5, -1.0], [0.0, -1.0, 3.0, 0.5], [2.0, 2.0, -2.0, 1.0]])
@@ -212,6 +212,46 @@ def test_hint_adapters_get_gradients_and_reduce_the_hint_loss():
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in hint.parameters())
         optimizer.step()
     assert value.item() < first
+
+
+def conv_then_pool(adapter: HintAdapter, x: torch.Tensor) -> torch.Tensor:
+    """The adapter's old order: the 1x1 conv at the student's resolution, then pooling to the teacher's."""
+    y = adapter.proj(x)
+    return y if tuple(y.shape[2:]) == adapter.size else F.adaptive_avg_pool2d(y, adapter.size)
+
+
+@pytest.mark.parametrize("student_hw, teacher_hw, pools_first", [
+    ((8, 8), (4, 4), True),    # a larger student stage: pooled first
+    ((7, 9), (3, 4), True),    # sizes that do not divide: overlapping pooling windows
+    ((4, 4), (4, 4), False),   # equal sizes: no pooling
+    ((2, 2), (4, 4), False),   # a smaller student stage: projected first, then pooled up
+])
+def test_hint_adapter_order_keeps_the_loss_and_gradients(student_hw, teacher_hw, pools_first):
+    """Pooling before the 1x1 projection gives the old order's loss and gradients on a fixed batch."""
+    torch.manual_seed(0)
+    adapter = HintAdapter(torch.Size([1, 6, *student_hw]), torch.Size([1, 10, *teacher_hw]))
+    assert adapter.pools_first(torch.empty(1, 6, *student_hw)) == pools_first
+    x, target = torch.randn(4, 6, *student_hw), torch.randn(4, 10, *teacher_hw)
+    results = []
+    for forward in (adapter, lambda f: conv_then_pool(adapter, f)):
+        adapter.zero_grad()
+        features = x.clone().requires_grad_()
+        loss = F.mse_loss(forward(features), target)
+        loss.backward()
+        results.append((loss.detach(), features.grad, [p.grad.clone() for p in adapter.parameters()]))
+    (new_loss, new_dx, new_dp), (old_loss, old_dx, old_dp) = results
+    assert torch.allclose(new_loss, old_loss, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(new_dx, old_dx, rtol=1e-4, atol=1e-7)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(new_dp, old_dp))
+
+
+def test_hint_adapter_projects_the_pooled_map():
+    """A larger student stage reaches the 1x1 conv already at the teacher's resolution (the cheap order)."""
+    adapter = HintAdapter(torch.Size([1, 4, 16, 16]), torch.Size([1, 8, 4, 4]))
+    seen = []
+    adapter.proj.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    assert adapter(torch.randn(2, 4, 16, 16)).shape == (2, 8, 4, 4)
+    assert seen == [(2, 4, 4, 4)]
 
 
 def test_attention_transfer_matches_a_direct_computation():

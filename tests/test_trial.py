@@ -81,6 +81,77 @@ def test_latency_is_measured_once_before_training_on_the_shipped_structure(digit
     assert measured[0][1] == shapes(tmp_path / "student.onnx")
 
 
+def count_validation_passes(monkeypatch) -> list[str]:
+    """Record each validation pass of a trial: the float student's (trial's ``accuracy``) and each runtime's file."""
+    from kdsearch.trainers import runtimes
+    from kdsearch.trainers import trial as trial_module
+
+    passes: list[str] = []
+
+    def counted(what, function):
+        def call(*args, **kwargs):
+            passes.append(what)
+            return function(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(trial_module, "accuracy", counted("student", trial_module.accuracy))
+    for cls in (runtimes.OnnxRuntime, runtimes.TorchRuntime):
+        monkeypatch.setattr(cls, "accuracy", counted("file", cls.accuracy))
+    return passes
+
+
+def torch_runtime_space():
+    raw = yaml.safe_load(DEFAULT_SPACE.read_text())
+    raw["measure"] = {"runtime": "torch"}
+    return parse_space(raw)
+
+
+def test_an_onnx_trial_validates_once_per_report_plus_file_and_checkpoint(digits_space, digits_context, monkeypatch,
+                                                                          tmp_path):
+    """Epochs + report_at points + 1: the last epoch's pass is the float checkpoint's, plus the ONNX file's."""
+    from kdsearch.trainers.checkpoint import load_student
+
+    passes, reports = count_validation_passes(monkeypatch), []
+    config = params(digits_space, SMALL_CNN)
+    result = run_trial(digits_space, config, lambda m, state=None: reports.append(m), context=digits_context,
+                       epochs=2, report_at=(0.5,), artifact_dir=tmp_path)
+    assert len(passes) == 2 + 1 + 1 and passes.count("file") == 1  # before: 2 + 1 + 3
+    assert [r["epoch"] for r in reports] == pytest.approx([23 / 45, 1, 2])  # 45 steps an epoch
+    assert all("val_acc" in r for r in reports)
+    # every metric keeps its meaning: val_acc the ONNX file's, the checkpoint's that of student.pt in torch,
+    # and unpruned, the distilled student is that float student
+    data = digits_context.data
+    checkpoint, _ = load_student(tmp_path / "student.pt",
+                                 lambda: digits_space.build_student(digits_space.resolve(config), (1, 8, 8), 10))
+    assert result["val_acc_checkpoint"] == accuracy(checkpoint, data.val) == result["val_acc_distilled"]
+    assert result["val_acc"] == pytest.approx(result["val_acc_checkpoint"], abs=0.003)
+    assert result["train_loss"] > 0 and result["phase"] == "distill"
+
+
+def test_a_torch_float_trial_reuses_the_file_pass_for_the_float_metrics(digits_context, monkeypatch):
+    """Shipping student.pt unquantized, the file is the float student: epochs + report_at points, no more."""
+    space = torch_runtime_space()
+    passes = count_validation_passes(monkeypatch)
+    result = run_trial(space, params(space, SMALL_CNN), context=digits_context, epochs=2, report_at=(0.5,))
+    assert len(passes) == 2 + 1 and passes.count("file") == 1  # before: 2 + 1 + 2
+    assert result["artifact"] == "student.pt"
+    assert result["val_acc"] == result["val_acc_checkpoint"] == result["val_acc_distilled"]
+
+
+def test_a_pruned_trial_takes_val_acc_distilled_from_the_distillation_report(digits_context, monkeypatch):
+    """Pruned and int8 in torch: the distillation's last epoch report is val_acc_distilled; epochs + report_at."""
+    space = torch_runtime_space()
+    passes, reports = count_validation_passes(monkeypatch), []
+    config = params(space, {**SMALL_CNN, "compress.prune_ratio": 0.5, "compress.quantize": "static_int8"})
+    config["compress.finetune_epochs"] = 1  # fixed here, whatever the built-in space says
+    result = run_trial(space, config, lambda m, state=None: reports.append(m), context=digits_context, epochs=1,
+                       report_at=(1.5,))
+    assert [r["epoch"] for r in reports] == pytest.approx([1, 1 + 23 / 45, 2])
+    assert len(passes) == 2 + 1 and passes.count("file") == 1  # before: 2 + 1 + 2
+    assert result["val_acc_distilled"] == reports[0]["val_acc"] and reports[0]["phase"] == "distill"
+    assert result["val_acc_checkpoint"] == result["val_acc"] and result["quant_backend"] != "none"
+
+
 def test_feature_hints_train_with_adapters(digits_space, digits_context):
     config = params(digits_space, {**SMALL_CNN, "distill.hint_stages": "all", "distill.hint_weight": 0.5})
     result = run_trial(digits_space, config, context=digits_context, epochs=2)

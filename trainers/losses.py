@@ -336,7 +336,15 @@ def as_vector(x: torch.Tensor) -> torch.Tensor:
 
 
 class HintAdapter(nn.Module):
-    """Maps a student stage output onto a teacher stage's shape (FitNets regressor)."""
+    """Maps a student stage output onto a teacher stage's shape (FitNets regressor).
+
+    Spatially it is a 1x1 conv (``proj``) and adaptive average pooling to the teacher's size,
+    which commute exactly: the conv is one affine map at every pixel, and a pooled cell is a
+    convex combination of pixels (weights summing to 1, so the bias passes through). So it
+    pools first when that leaves fewer pixels (a student stage larger than the teacher's) and
+    projects first otherwise: the same loss and gradients, the conv on the smaller grid. This
+    holds only while nothing nonlinear (an activation, a BatchNorm in training) follows the conv.
+    """
 
     def __init__(self, student_shape: torch.Size, teacher_shape: torch.Size) -> None:
         super().__init__()
@@ -348,10 +356,18 @@ class HintAdapter(nn.Module):
             self.proj = nn.Linear(student_shape[1], teacher_shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.spatial:
-            x = self.proj(x)
-            return x if tuple(x.shape[2:]) == self.size else F.adaptive_avg_pool2d(x, self.size)
-        return self.proj(as_vector(x))
+        if not self.spatial:
+            return self.proj(as_vector(x))
+        if tuple(x.shape[2:]) == self.size:
+            return self.proj(x)
+        if self.pools_first(x):
+            return self.proj(F.adaptive_avg_pool2d(x, self.size))
+        return F.adaptive_avg_pool2d(self.proj(x), self.size)
+
+    def pools_first(self, x: torch.Tensor) -> bool:
+        """Whether pooling ``x`` to the teacher's size leaves fewer pixels to project (then it pools first)."""
+        assert self.size is not None
+        return self.size[0] * self.size[1] < x.shape[2] * x.shape[3]
 
 
 class FeatureHints(nn.Module):
