@@ -316,9 +316,12 @@ def main() -> None:
     sizes = [5000] if args.quick else [int(s) for s in args.sizes.split(",")]
     started = time.perf_counter()
     report: dict[str, Any] = {"sizes": {}}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
             report["sizes"][str(n)] = measure_size(n, Path(tmp))
+            out.write_text(json.dumps({**report, "partial": True}, indent=1))  # a long run keeps what it measured
     if not args.no_search:
         sys.path.insert(0, str(Path(__file__).parent))
         from search_wall import measure_search_over_ideal
@@ -327,8 +330,6 @@ def main() -> None:
         report["search_over_ideal"] = wall["search_over_ideal"]
         report["search"] = wall
     report.update({"quick": bool(args.quick), "teacher": TEACHER, "seconds": round(time.perf_counter() - started, 1)})
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     say(f"wrote {out}")
     print(json.dumps(report))

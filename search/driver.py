@@ -13,9 +13,11 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Optional
 
@@ -55,12 +57,15 @@ FINAL_METRICS = "final_metrics.json"
 
 def distil_trainable(config: dict[str, Any], *, space: Space, context: Any, measurer: Any, seed: int,
                      epochs: Optional[int], report_at: tuple[float, ...] = ()) -> None:
-    """One trial in a Tune worker: resume from its checkpoint if any, report every epoch."""
+    """One trial in a Tune worker: resume from its checkpoint if any, report every epoch.
+
+    ``measurer``: the latency actor where trials share cores, else None (the trial times its own file).
+    """
     import ray
     import torch
     from ray import tune
 
-    from kdsearch.search.latency import remote_latency_fn
+    from kdsearch.search.latency import trial_latency_fn
     from kdsearch.spaces.errors import TrialDiverged
     from kdsearch.trainers.trial import run_trial
 
@@ -95,7 +100,7 @@ def distil_trainable(config: dict[str, Any], *, space: Space, context: Any, meas
         try:
             run_trial(space, dict(config), report, context=ray.get(context) if isinstance(context, ray.ObjectRef) else context,
                       seed=seed, epochs=epochs, device=device, artifact_dir=artifact_dir,
-                      latency_fn=remote_latency_fn(measurer, config), checkpoint_state=True, resume=resume,
+                      latency_fn=trial_latency_fn(measurer, space, config), checkpoint_state=True, resume=resume,
                       report_at=report_at)
         except TrialDiverged as exc:
             # deterministic: reported, not raised, so Tune does not retry it as if a node had died
@@ -194,13 +199,8 @@ class ConstraintCheck:
         return bound_violation(footprint, self.limits)
 
 
-def start_ray(address: Optional[str]) -> bool:
-    """Connect to ``address``, use this process's Ray session, or start one; True when started here
-    (only a session started here is shut down at the end)."""
-    import ray
-
-    from kdsearch.search.latency import LATENCY_RESOURCE
-
+def ray_environment() -> None:
+    """The environment and log levels a search's Ray session and Tune run with (before Ray starts)."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
@@ -208,6 +208,17 @@ def start_ray(address: Optional[str]) -> bool:
     # latency and size arrive only with a trial's last result; the searcher reads them then
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # failed trials show in our progress line
+
+
+def start_ray(address: Optional[str], preload: tuple[str, ...] = ()) -> bool:
+    """Connect to ``address``, use this process's Ray session, or start one; True when started here
+    (only a session started here is shut down at the end). ``preload``: modules the workers of
+    a session started here import as they start (:func:`worker_preload`). Call
+    :func:`ray_environment` first (:class:`RayStart` does)."""
+    import ray
+
+    from kdsearch.search.latency import LATENCY_RESOURCE
+
     if ray.is_initialized() and not address:
         return False
     common = {"logging_level": logging.ERROR, "log_to_driver": False}
@@ -218,8 +229,137 @@ def start_ray(address: Optional[str]) -> bool:
             raise UserError(f"--address {address}: cannot connect to the Ray cluster ({str(exc).splitlines()[0][:160]}); "
                             "fix: start it with cluster/local.sh up or check the address") from None
     else:
-        ray.init(num_cpus=os.cpu_count(), resources={LATENCY_RESOURCE: 1}, include_dashboard=False, **common)
+        config = {"preload_python_modules": list(preload)} if preload else {}
+        ray.init(num_cpus=os.cpu_count(), resources={LATENCY_RESOURCE: 1}, include_dashboard=False,
+                 _system_config=config, **common)
     return True
+
+
+#: the modules a trial's worker imports (torch, Tune, the trial): preloaded, a first trial starts in
+#: a fraction of a second instead of seconds
+WORKER_PRELOAD = ("kdsearch.search.driver", "kdsearch.search.latency", "kdsearch.trainers.trial")
+#: idle preloaded workers allowed beyond those the trials use (each holds about 200 MB of its own)
+SPARE_PRELOADED = 4
+
+
+def worker_preload(options: SearchOptions) -> tuple[str, ...]:
+    """What the workers of a Ray session started here preload while the driver prepares.
+
+    Ray starts one worker per CPU ahead of any work, and the first trials take them. Preloaded,
+    each holds torch (about 200 MB more), so preloading is for a machine where few of them
+    would sit idle: at most :data:`SPARE_PRELOADED` more than the trials that run at once.
+    """
+    cpus = os.cpu_count() or 1
+    trials = min(options.max_concurrent, options.num_samples, max(1, int(cpus // options.cpus_per_trial)))
+    return WORKER_PRELOAD if options.address is None and cpus <= trials + SPARE_PRELOADED else ()
+
+
+class RayStart:
+    """:func:`start_ray` in a background thread, so Ray's start-up (seconds) overlaps the teacher
+    phase and the MLflow store's creation instead of delaying the first trial.
+
+    The thread lives until :meth:`release`: Ray starts its GCS and raylet with
+    ``PR_SET_PDEATHSIG``, which Linux fires when the *thread* that started them ends, so it
+    must outlast the session (it exits with the process otherwise, as the process's Ray does).
+    """
+
+    def __init__(self, address: Optional[str], preload: tuple[str, ...] = ()) -> None:
+        self.address, self.preload = address, preload
+        self.taken = False  # a search has waited for it and owns what it started
+        self._started: "Future[bool]" = Future()
+        self._done = threading.Event()
+        self._begun = time.perf_counter()
+        self._ready = self._begun
+        ray_environment()  # in the calling thread: the environment is set before another thread reads it
+        threading.Thread(target=self._run, name="kdsearch-ray-start", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            with kept_sigterm():
+                started = start_ray(self.address, self.preload)
+            self._started.set_result(started)
+        except BaseException as exc:  # handed to wait()
+            self._started.set_exception(exc)
+            return
+        finally:
+            self._ready = time.perf_counter()
+        self._done.wait()
+
+    def wait(self) -> bool:
+        """What :func:`start_ray` returned (True: Ray was started here); raises what it raised."""
+        asked = time.perf_counter()
+        started = self._started.result()
+        self.taken = True
+        log.debug(f"Ray: ready ({self._ready - self._begun:.1f} s to start, waited {time.perf_counter() - asked:.1f} s)")
+        return started
+
+    def release(self) -> None:
+        """After ``ray.shutdown()`` (or when this process did not start Ray): the thread may end."""
+        self._done.set()
+
+    def abandon(self) -> None:
+        """No search took this start (it failed before its trials): shut down what it started."""
+        import ray
+
+        try:
+            if self._started.result():
+                ray.shutdown()
+        except Exception:  # the start failed: nothing to stop
+            pass
+        finally:
+            self.release()
+
+
+@contextlib.contextmanager
+def kept_sigterm() -> Iterator[None]:
+    """SIGTERM's handler, as it was before what runs inside (``ray.init``), is put back after it.
+
+    Ray's core worker installs its C++ failure handler for SIGTERM, which prints a stack and can
+    abort the process, over the Python handler that stops a search gracefully
+    (:mod:`kdsearch.search.interrupts`). Outside the main thread ``signal.signal`` cannot put
+    it back, so the process-wide action is saved and restored with ``sigaction(2)``; crash
+    signals keep Ray's handler. Nothing is done where there is no ``sigaction``.
+    """
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        saved = ctypes.create_string_buffer(1024)  # larger than any struct sigaction
+        saved_ok = libc.sigaction(signal.SIGTERM, None, saved) == 0
+    except (OSError, AttributeError):  # no C library to ask (Windows)
+        saved_ok = False
+    try:
+        yield
+    finally:
+        if saved_ok:
+            libc.sigaction(signal.SIGTERM, saved, None)
+
+
+#: the Ray start :func:`ray_starting` began, for :func:`take_ray_start`
+_ray_start: Optional[RayStart] = None
+
+
+@contextlib.contextmanager
+def ray_starting(options: SearchOptions) -> Iterator[None]:
+    """Start Ray in the background for what runs inside (the teacher phase, the store); the
+    search's :func:`take_ray_start` takes it over. Not taken (a failure before): shut down."""
+    global _ray_start
+    _ray_start = start = RayStart(options.address, worker_preload(options))
+    try:
+        yield
+    finally:
+        _ray_start = None
+        if not start.taken:
+            start.abandon()
+
+
+def take_ray_start(options: SearchOptions) -> RayStart:
+    """The Ray start :func:`ray_starting` began for this search, or one begun now."""
+    global _ray_start
+    start, _ray_start = _ray_start, None
+    return start if start is not None and start.address == options.address else RayStart(options.address,
+                                                                                         worker_preload(options))
 
 
 #: written into the Tune experiment folder so ``kdsearch resume`` finds the MLflow parent run again
@@ -282,14 +422,20 @@ def run_search(space: "Space | str | Path | Mapping[str, Any] | None" = None, *,
     Ray is started for the search and stopped after it, unless this process had a Ray session
     already, which is used and left running.
     """
-    from mlflow.entities import Param
-
-    from kdsearch.search.tracking import ROLE_TAG, SPACE_TAG, client, experiment_id
-
     space = as_space(space)
     options = SearchOptions.parse({**(options.model_dump(exclude_unset=True) if options else {}), **values})
     check_objectives(space)
     check_resources(options)  # before any store, run or Ray session exists
+    with ray_starting(options):  # Ray starts while the teacher phase runs and the store is made
+        return _new_search(space, options)
+
+
+def _new_search(space: Space, options: SearchOptions) -> SearchResult:
+    """:func:`run_search` once its options are checked: the teacher phase, the parent run, the trials."""
+    from mlflow.entities import Param
+
+    from kdsearch.search.tracking import ROLE_TAG, SPACE_TAG, client, experiment_id
+
     context = prepare_checked(space)
     mlflow_client = client(options.tracking_uri)
     exp_id = experiment_id(mlflow_client, options.experiment, create=True)
@@ -331,7 +477,6 @@ def warn_repeated_seed(mlflow_client, exp_id: str, space_sha: str, seed: int, se
 
 def resume_search(path: str | Path) -> SearchResult:
     """Finish a search whose driver died: same Tune experiment, same MLflow parent run."""
-    from kdsearch.search.tracking import client
     from kdsearch.spaces import parse_space
     from kdsearch.spaces.schema import read_yaml
 
@@ -348,6 +493,14 @@ def resume_search(path: str | Path) -> SearchResult:
         raise UserError(f"{meta_file}: not a kdsearch resume file ({type(exc).__name__}: {str(exc)[:80]}); "
                         "fix: pass the tune folder `kdsearch run` printed, or start the search again") from None
     space = parse_space(read_yaml(text, str(meta_file)), source, text)
+    with ray_starting(options):  # Ray starts while the teacher phase runs
+        return _resume(space, options, path, parent_id, exp_id)
+
+
+def _resume(space: Space, options: SearchOptions, path: str, parent_id: str, exp_id: str) -> SearchResult:
+    """:func:`resume_search` once its resume file is read: the teacher phase, then the trials."""
+    from kdsearch.search.tracking import client
+
     context = prepare_checked(space)
     mlflow_client = client(options.tracking_uri)
     log.info(f"resuming search {options.name} from {path}")
@@ -374,20 +527,22 @@ def _drive(space: Space, options: SearchOptions, mlflow_client, exp_id: str, par
     from ray import tune
 
     from kdsearch.search import finalize
-    from kdsearch.search.latency import start_measurer
+    from kdsearch.search.latency import latency_measurer
     from kdsearch.search.pareto import reference_point
     from kdsearch.search.recorder import SearchRecorder, is_final
     from kdsearch.search.searchers import KDSearch, make_sampler
     from kdsearch.search.interrupts import sigterm_as_sigint
-    from kdsearch.search.tracking import PARTIAL_TAG, ui_link
+    from kdsearch.search.tracking import LATENCY_TAG, PARTIAL_TAG, ui_link
 
-    started_ray = False
+    started_ray, measurer, ray_start = False, None, take_ray_start(options)
     try:
-        started_ray = start_ray(options.address)
+        started_ray = ray_start.wait()
         max_t = max_epochs(space, options.epochs)
         reference = reference_point(space.objectives, space.reference_point, space.constraints, context.targets.footprint)
         recorder = SearchRecorder(mlflow_client, exp_id, parent_id, space.objectives, reference, options.num_samples)
-        measurer = start_measurer(space, context.data.input_shape, context.data.num_classes)
+        measurer = latency_measurer(space, context.data.input_shape, context.data.num_classes,
+                                    min(options.max_concurrent, options.num_samples), options.cpus_per_trial)
+        recorder.write.log(parent_id, tags={LATENCY_TAG: "trial" if measurer is None else "measurer"})
         trainable = tune.with_resources(
             tune.with_parameters(distil_trainable, space=space, context=ray.put(context), measurer=measurer,
                                  seed=options.seed, epochs=options.epochs,
@@ -420,7 +575,6 @@ def _drive(space: Space, options: SearchOptions, mlflow_client, exp_id: str, par
             warnings.simplefilter("ignore")
             results = tuner.fit()
         recorder.adopt(results)  # trials that ended before a resume
-        recorder.flush()
         # Tune returns from fit on SIGINT (or our SIGTERM) with trials still in flight; it stops
         # running trials itself only when the search is done (budget or samples)
         stopped_by = signals.name or ("SIGINT" if recorder.running else None)
@@ -431,26 +585,31 @@ def _drive(space: Space, options: SearchOptions, mlflow_client, exp_id: str, par
         elif lost := recorder.close_lost():
             log.info(f"{len(lost)} runs ({', '.join(lost)}) started after Tune last saved its state: "
                      "not resumable, marked lost")
+        recorder.flush()  # every trial's writes are in the store (and its row has its run id) before the front
         mlflow_client.set_tag(parent_id, PARTIAL_TAG, str(bool(stopped_by)).lower())
         result = finalize.finish(space, context, recorder, mlflow_client, parent_id, options.log_models,
                                  partial=bool(stopped_by))
     except BaseException as exc:
         # a search that did not finish is never left RUNNING: Ctrl-C outside Tune's loop is KILLED
-        # (resumable), anything else FAILED
+        # (resumable), anything else FAILED; the trials' writes go first
+        if "recorder" in locals():
+            with contextlib.suppress(Exception):
+                recorder.close()
         mlflow_client.set_terminated(parent_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         if isinstance(exc, KeyboardInterrupt):
             log.info(f"interrupted; resume with: kdsearch resume {path}")
         raise
     finally:
-        if started_ray:
-            ray.shutdown()
-        else:
-            with contextlib.suppress(Exception):
-                ray.kill(measurer)
         if "recorder" in locals():
             with contextlib.suppress(Exception):
-                recorder.flush()  # what the trials logged reaches the store, whatever happened
+                recorder.close()  # what the trials logged reaches the store, whatever happened
             shutil.rmtree(recorder.students_dir, ignore_errors=True)
+        if started_ray:
+            ray.shutdown()
+        elif measurer is not None:
+            with contextlib.suppress(Exception):
+                ray.kill(measurer)
+        ray_start.release()
     mlflow_client.set_terminated(parent_id, "KILLED" if stopped_by else "FINISHED")
     if stopped_by:
         log.info(f"resume with: kdsearch resume {path}")

@@ -1,20 +1,30 @@
 """Latency measured where it is not noise, in the runtime the student ships in (``measure.runtime``).
 
-During the search, one Ray actor measures every student in turn (serialized: no two
-measurements overlap), placed on a node resource that only it holds, and caches figures by
-the student's structure. It receives the bytes of the trial's deployed file (``student.onnx``
-for onnxruntime, ``student.pt`` for torch) and runs that file. After the search, the driver
-measures every complete student's logged file again in a quiet phase with no training
-running (:func:`artifact_latency`); the front uses those figures.
+During the search, where a trial times its deployed file (``student.onnx`` for onnxruntime,
+``student.pt`` for torch) depends on one rule, :func:`trials_share_cores`:
+
+- trials do not share cores (one trial at a time, or every trial that can run at once fits,
+  with its whole CPUs, on the smallest node): each trial times its own file in its own process,
+  on the cores it holds, with no queue to wait in (:func:`local_latency_fn`);
+- trials may share cores: one Ray actor measures every student in turn (serialized: no two
+  measurements overlap), placed on a node resource that only it holds where the cluster
+  declares one (:data:`LATENCY_RESOURCE`), receiving the file's bytes (:func:`remote_latency_fn`).
+
+Both cache figures by the student's structure. The protocol is the same either way (one
+thread, warm-up, median of at least 30 runs: :mod:`kdsearch.trainers.measure`). After the
+search, the driver measures every complete student's logged file again in a quiet phase with
+no training running (:func:`artifact_latency`); the front uses those figures.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional, Sequence
 
 import ray
 import torch
@@ -24,6 +34,8 @@ from kdsearch.spaces import Space
 from kdsearch.trainers.checkpoint import load_student
 from kdsearch.trainers.measure import Latency
 from kdsearch.trainers.runtimes import Deployed, get_runtime
+
+log = logging.getLogger("kdsearch")
 
 #: the custom node resource that only the latency measurer holds
 LATENCY_RESOURCE = "kdsearch_latency"
@@ -83,6 +95,42 @@ class LatencyMeasurer:
         return self._cache[key]
 
 
+def trials_share_cores(max_concurrent: int, cpus_per_trial: float, node_cpus: Sequence[float]) -> bool:
+    """The rule for where latency is timed: whether trials running at once may share CPU cores.
+
+    ``node_cpus``: the CPUs of each node. At most ``max_concurrent`` trials run at once, and no
+    more than the cluster's CPUs hold; each takes ``ceil(cpus_per_trial)`` whole cores (a
+    fraction of a CPU still runs a thread on one). They do not share cores when at most one
+    runs at a time, or when all of them fit together on the smallest node that has CPUs: then
+    a trial timing its file has its cores to itself. With no CPU node known (an autoscaling
+    cluster before its workers join) they may share.
+    """
+    cpu_nodes = [c for c in node_cpus if c > 0]
+    if not cpu_nodes:
+        return max_concurrent > 1
+    concurrent = min(max_concurrent, math.floor(sum(cpu_nodes) / cpus_per_trial + 1e-9))
+    return concurrent > 1 and concurrent * math.ceil(cpus_per_trial) > min(cpu_nodes)
+
+
+def node_cpus() -> list[float]:
+    """The CPUs of each live node of the connected Ray cluster."""
+    return [float(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")]
+
+
+def latency_measurer(space: Space, input_shape: tuple[int, ...], num_classes: int, max_concurrent: int,
+                     cpus_per_trial: float) -> Optional["ray.actor.ActorHandle"]:
+    """The serialized measurer where trials share cores (:func:`trials_share_cores`), else None:
+    each trial times its own file."""
+    cpus = node_cpus()
+    smallest = min((c for c in cpus if c > 0), default=0)
+    fit = f"up to {max_concurrent} trials x {cpus_per_trial:g} CPUs, smallest node {smallest:g} CPUs"
+    if not trials_share_cores(max_concurrent, cpus_per_trial, cpus):
+        log.info(f"latency: each trial times its own file ({fit}: no core shared)")
+        return None
+    log.info(f"latency: one measurer times every trial's file in turn ({fit}: trials may share cores)")
+    return start_measurer(space, input_shape, num_classes)
+
+
 def start_measurer(space: Space, input_shape: tuple[int, ...], num_classes: int) -> "ray.actor.ActorHandle":
     """The measurer, pinned to the latency resource when the cluster declares one."""
     options: dict[str, Any] = {}
@@ -99,3 +147,26 @@ def remote_latency_fn(measurer: "ray.actor.ActorHandle", params: Mapping[str, An
         return ray.get(measurer.measure.remote(dict(params), deployed.path.read_bytes(), example))
 
     return latency
+
+
+#: figures this process measured: (space, structure, batch size) -> latency (a Tune worker runs many trials)
+_measured: dict[tuple[str, str, int], Latency] = {}
+
+
+def local_latency_fn(space: Space, params: Mapping[str, Any]):
+    """A ``latency_fn`` that times the deployed file in this process (the trial's own cores),
+    once per structure as the measurer does."""
+    key = (hashlib.sha256(space.text.encode()).hexdigest(), structure_key(params))
+
+    def latency(deployed: Deployed, example: torch.Tensor, batch_size: int) -> Latency:
+        slot = (*key, batch_size)
+        if slot not in _measured:
+            _measured[slot] = deployed.runtime.latency(deployed, example, batch_size)
+        return _measured[slot]
+
+    return latency
+
+
+def trial_latency_fn(measurer: Optional["ray.actor.ActorHandle"], space: Space, params: Mapping[str, Any]):
+    """The trial's ``latency_fn``: the measurer's where there is one, else its own process's."""
+    return remote_latency_fn(measurer, params) if measurer is not None else local_latency_fn(space, params)

@@ -1,7 +1,12 @@
-"""A Ray Tune callback that records each trial's outcome, keeps the front current and logs to MLflow."""
+"""A Ray Tune callback that records each trial's outcome, keeps the front current and logs to MLflow.
+
+Its MLflow writes go through a :class:`~kdsearch.search.tracking.MlflowWriter`: Tune's loop
+(which holds a trial at each report until the driver has handled it) never waits on the store.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -9,12 +14,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from mlflow.entities import Param
 from ray import tune
 
 from kdsearch.search.pareto import hypervolume_fraction, pareto_front
-from kdsearch.search.tracking import (NAME_TAG, PARENT_TAG, RUNTIME_TAG, STATUS_TAG, TRIAL_TAG, flush, log_metrics,
-                                      trial_runs)
+from kdsearch.search.tracking import (NAME_TAG, PARENT_TAG, RUNTIME_TAG, STATUS_TAG, TRIAL_TAG, MlflowWriter, RunRef,
+                                      run_id_of, trial_runs)
 from kdsearch.trainers.runtimes import student_files
 
 log = logging.getLogger("kdsearch")
@@ -41,7 +45,8 @@ class SearchRecorder(tune.Callback):
         self.client, self.experiment_id, self.parent_run_id = mlflow_client, experiment_id, parent_run_id
         self.objectives, self.reference, self.total = objectives, reference, total
         self.rows: dict[str, dict[str, Any]] = {}  # trial_id -> outcome row
-        self.run_ids: dict[str, str] = {}
+        self.run_ids: dict[str, RunRef] = {}  # a new trial's run id comes when the writer has created it
+        self.writer: Optional[MlflowWriter] = None  # started by the first write (Tune pickles the recorder before)
         self.names: dict[str, str] = {}  # trial_id -> trial-001, in order of first sight
         self.running: set[str] = set()
         self.checkpoints: dict[str, Path] = {}
@@ -60,26 +65,41 @@ class SearchRecorder(tune.Callback):
                 if run.info.status in ("RUNNING", "KILLED"):
                     self.unfinished.add(trial_id)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Tune pickles its callbacks into the experiment (a resume brings its own recorder): no
+        writer thread, no run still being created."""
+        state = dict(self.__dict__)
+        state["writer"] = None
+        state["run_ids"] = {k: v for k, v in self.run_ids.items() if isinstance(v, str)}
+        state["rows"] = {k: r for k, r in self.rows.items() if isinstance(r["run_id"], str)}
+        return state
+
     # ---- MLflow runs --------------------------------------------------------------
 
     def name(self, trial_id: str) -> str:
         return self.names.setdefault(trial_id, f"trial-{len(self.names) + 1:03d}")
 
-    def _run_for(self, trial_id: str, config: dict[str, Any]) -> str:
+    @property
+    def write(self) -> MlflowWriter:
+        """The writer all of this recorder's MLflow writes go through, in order."""
+        if self.writer is None:
+            self.writer = MlflowWriter(self.client)
+        return self.writer
+
+    def _run_for(self, trial_id: str, config: dict[str, Any]) -> RunRef:
         if trial_id not in self.run_ids:
-            run = self.client.create_run(self.experiment_id, run_name=self.name(trial_id), tags={
+            self.run_ids[trial_id] = run = self.write.create_run(self.experiment_id, self.name(trial_id), tags={
                 PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial_id, NAME_TAG: self.name(trial_id), STATUS_TAG: "running"})
-            self.run_ids[trial_id] = run.info.run_id
-            self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:500]) for k, v in config.items()],
-                                  synchronous=False)
+            self.write.log(run, params={k: str(v)[:500] for k, v in config.items()})
         return self.run_ids[trial_id]
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
-        run_id = self._run_for(trial.trial_id, trial.config)
+        run = self._run_for(trial.trial_id, trial.config)
+        log.debug(f"{self.name(trial.trial_id)} started")
         if trial.trial_id in self.unfinished:  # interrupted before: the same run goes on
             self.unfinished.discard(trial.trial_id)
-            self.client.update_run(run_id, status="RUNNING", name=self.name(trial.trial_id))
-            self.client.set_tag(run_id, STATUS_TAG, "running")
+            self.write.update(run, status="RUNNING", name=self.name(trial.trial_id))
+            self.write.log(run, tags={STATUS_TAG: "running"})
         self.running.add(trial.trial_id)
 
     def interrupt(self) -> list[str]:
@@ -99,10 +119,9 @@ class SearchRecorder(tune.Callback):
     def _kill(self, trial_ids: set[str], status: str) -> list[str]:
         names = []
         for trial_id in sorted(trial_ids, key=self.name):
-            run_id = self.run_ids[trial_id]
-            self.client.set_tag(run_id, STATUS_TAG, status)
-            self.client.set_tag(run_id, "mlflow.runName", f"{self.name(trial_id)} ({status})")
-            self.client.set_terminated(run_id, "KILLED")
+            run = self.run_ids[trial_id]
+            self.write.log(run, tags={STATUS_TAG: status, "mlflow.runName": f"{self.name(trial_id)} ({status})"})
+            self.write.terminate(run, "KILLED")
             names.append(self.name(trial_id))
         return names
 
@@ -110,14 +129,15 @@ class SearchRecorder(tune.Callback):
         self.running.discard(trial.trial_id)
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
-        run_id = self._run_for(trial.trial_id, trial.config)
+        run = self._run_for(trial.trial_id, trial.config)
         # MLflow steps are integers: the report's number; `epoch` (fractional inside an epoch) is logged beside it
         step = int(result.get("training_iteration", 0))
+        tags = {}
         if "runtime" in result and trial.trial_id not in self.runtime_tagged:  # every report carries it
-            self.client.set_tag(run_id, RUNTIME_TAG, str(result["runtime"]))
+            tags[RUNTIME_TAG] = str(result["runtime"])
             self.runtime_tagged.add(trial.trial_id)
-        log_metrics(self.client, run_id, {k: v for k, v in result.items()
-                                          if k not in TUNE_BOOKKEEPING and not k.startswith("time_since")}, step, synchronous=False)
+        self.write.log(run, {k: v for k, v in result.items() if k not in TUNE_BOOKKEEPING and not k.startswith("time_since")},
+                       step, tags=tags)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         result = trial.last_result or {}
@@ -142,43 +162,61 @@ class SearchRecorder(tune.Callback):
 
     def _finish(self, trial_id: str, config: dict[str, Any], checkpoint, status: str, result: dict,
                 error: str = "", quiet: bool = False) -> None:
-        run_id = self._run_for(trial_id, config)
+        run = self._run_for(trial_id, config)
         self.running.discard(trial_id)
-        row = {"trial": self.name(trial_id), "trial_id": trial_id, "run_id": run_id, "status": status,
+        row = {"trial": self.name(trial_id), "trial_id": trial_id, "run_id": run, "status": status,
                **{k: v for k, v in result.items() if k in self.objectives or k in KEEP},
                "config": dict(config)}
         self.rows[trial_id] = row
-        self.client.set_tag(run_id, STATUS_TAG, status)
+        tags = {STATUS_TAG: status}
         if status != COMPLETE:  # the runs list shows names: an early-stopped trial must not pass for a complete one
-            self.client.set_tag(run_id, "mlflow.runName", f"{self.name(trial_id)} ({status})")
-        if status == COMPLETE and checkpoint is not None:
-            self._keep_artifact(trial_id, checkpoint, run_id)
+            tags["mlflow.runName"] = f"{self.name(trial_id)} ({status})"
         if error:
-            self.client.set_tag(run_id, "kdsearch.error", error[:500])
-        self.client.set_terminated(run_id, "FAILED" if status == FAILED else "FINISHED")
+            tags["kdsearch.error"] = error[:500]
+        self.write.log(run, tags=tags)
+        if status == COMPLETE and checkpoint is not None:
+            self._keep_artifact(trial_id, checkpoint, run)
+        self.write.terminate(run, "FAILED" if status == FAILED else "FINISHED")
         if status == COMPLETE:
             self._update_front()
         if not quiet:
             self._progress()
 
-    def _keep_artifact(self, trial_id: str, checkpoint, run_id: str) -> None:
+    def _keep_artifact(self, trial_id: str, checkpoint, run: RunRef) -> None:
         """Log the trial's files to its run under ``student/``: the checkpoint ``student.pt`` and the
-        deployed file its runtime measured (``student.onnx`` for onnxruntime: what the export copies)."""
+        deployed file its runtime measured (``student.onnx`` for onnxruntime: what the export copies).
+        They are copied here first (local even when storage is remote), and logged from the copy."""
         with checkpoint.as_directory() as folder:
             for name in student_files():
                 student = Path(folder) / name
                 if not student.is_file():
                     continue
-                self.client.log_artifact(run_id, str(student), "student")
-                keep = Path(self.students_dir) / trial_id / name  # local even when storage is remote
+                keep = Path(self.students_dir) / trial_id / name
                 keep.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(student, keep)
+                self.write.artifact(run, str(keep), "student")
                 if name == "student.pt":
                     self.checkpoints[trial_id] = keep
 
     def flush(self) -> None:
-        """Everything queued for MLflow is in the store (before the front is read or the search ends)."""
-        flush(self.client)
+        """Everything written so far is in the store (before the front is read or the search ends);
+        the rows then hold their runs' ids. Raises TrackingError if a write failed."""
+        if self.writer is not None:
+            try:
+                self.writer.flush()
+            finally:
+                for row in self.rows.values():
+                    with contextlib.suppress(Exception):  # a run whose creation failed keeps its reference
+                        row["run_id"] = run_id_of(row["run_id"])
+
+    def close(self) -> None:
+        """Flush, then stop the writer's thread."""
+        if self.writer is not None:
+            try:
+                self.flush()
+            finally:
+                self.writer.close()
+                self.writer = None
 
     def complete_rows(self) -> list[dict[str, Any]]:
         return [r for r in self.rows.values() if r["status"] == COMPLETE]
@@ -187,7 +225,7 @@ class SearchRecorder(tune.Callback):
         rows = self.complete_rows()
         self.hypervolume = hypervolume_fraction(rows, self.objectives, self.reference)
         # in-search latency; the final `hypervolume` (quiet-phase latency) is logged once at the end
-        self.client.log_metric(self.parent_run_id, "hypervolume_search", self.hypervolume, step=len(rows))
+        self.write.log(self.parent_run_id, {"hypervolume_search": self.hypervolume}, step=len(rows))
 
     def front(self) -> list[dict[str, Any]]:
         return list(pareto_front(self.complete_rows(), self.objectives))

@@ -2,7 +2,8 @@
 
 Every MLflow write of a search happens in the driver process (trials only report to Tune),
 so a trial that is retried on another node continues its one run instead of opening a
-second, and no worker needs to reach the tracking store.
+second, and no worker needs to reach the tracking store. During the trials those writes go
+through :class:`MlflowWriter`, a queue drained by one thread, so Tune's loop never waits on the store.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ import json
 import logging
 import math
 import os
+import queue
 import tempfile
+import threading
 import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 from kdsearch.search.options import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, store_folder  # noqa: F401
 from kdsearch.spaces.errors import TrackingError
@@ -30,6 +35,7 @@ PARENT_TAG = "mlflow.parentRunId"
 PARTIAL_TAG = "kdsearch.partial"  # "true" on a search that was interrupted: its front is the front so far
 SPACE_TAG = "kdsearch.space_sha256"  # the space file's hash: a search repeated with the same seed is told so
 RUNTIME_TAG = "kdsearch.runtime"  # the runtime a trial's latency, accuracy and size were measured in
+LATENCY_TAG = "kdsearch.latency_measured_in"  # on a search: "trial" (each its own file) or "measurer" (one actor)
 
 
 def quiet_mlflow() -> None:
@@ -104,19 +110,206 @@ def flat_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def log_metrics(c, run_id: str, metrics: Mapping[str, Any], step: int = 0, synchronous: bool = True) -> None:
-    """The numeric entries of ``metrics`` in one batch; ``synchronous=False`` queues it on MLflow's
-    own background writer (see :func:`flush`), so a search's driver loop does not wait on the store."""
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def log_metrics(c, run_id: str, metrics: Mapping[str, Any], step: int = 0) -> None:
+    """The numeric entries of ``metrics`` in one batch."""
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
-    c.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in flat_metrics(metrics).items()],
-                synchronous=synchronous)
+    now = now_ms()
+    c.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in flat_metrics(metrics).items()])
 
 
-def flush(c) -> None:
-    """Wait until everything logged with ``synchronous=False`` through ``c`` is in the store."""
-    c._tracking_client.store.flush_async_logging()  # MlflowClient has no public flush; its store does
+# --------------------------------------------------------------------------- the search's writer
+
+#: a run as the writer knows it: its id, or the id a queued ``create_run`` will give
+RunRef = Union[str, "Future[str]"]
+
+
+def run_id_of(run: RunRef) -> str:
+    """The id of ``run`` (waits for its ``create_run`` if still queued; raises if that failed)."""
+    return run if isinstance(run, str) else run.result()
+
+
+def _key(run: Optional[RunRef]) -> Any:
+    """One key per run, whichever form it comes in (in the writer, a run's create_run has been done)."""
+    if run is None or isinstance(run, str):
+        return run
+    return run.result() if run.done() and run.exception() is None else id(run)
+
+
+@dataclass
+class _Batch:
+    """One run's metrics, params and tags, written with one ``log_batch``."""
+
+    run: RunRef
+    metrics: list = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)  # a tag set twice keeps its last value, as in order
+
+
+@dataclass
+class _Call:
+    """Any other write (create, terminate, artifact, update): run in its turn, after the run's batch."""
+
+    run: Optional[RunRef]
+    call: Callable[[], Any]
+    what: str
+    result: Optional["Future[str]"] = None  # a create_run's run id
+
+
+class MlflowWriter:
+    """A search's MLflow writes, off the Tune loop: queued, drained by one thread, in order.
+
+    The driver's Tune callbacks enqueue and return; the writer thread takes whatever is queued
+    and writes it, merging each run's consecutive metrics, params and tags into one
+    ``MlflowClient.log_batch`` (which splits at MLflow's batch limits). One thread and one
+    queue keep every run's writes in the order they were made; a run created here is a
+    :data:`RunRef` until the store gives its id. :meth:`flush` waits until everything queued
+    is written and raises :class:`TrackingError` for any write that failed (the others are
+    written regardless). The thread also drains the queue when the main thread exits, so an
+    interrupt that skips :meth:`close` loses nothing.
+    """
+
+    def __init__(self, client) -> None:
+        self.client = client
+        self._queue: "queue.Queue[Any]" = queue.Queue()
+        self._errors: list[str] = []
+        self._closed = False
+        self.calls = 0  # writes made to the store (for tests and benchmarks)
+        self._thread = threading.Thread(target=self._loop, name="kdsearch-mlflow-writer")
+        self._thread.start()
+
+    # ---- what the driver calls (never waits on the store) -------------------------
+
+    def create_run(self, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> "Future[str]":
+        """A run, created in its turn; start time now (not when it is written)."""
+        created: "Future[str]" = Future()
+        start, tags = now_ms(), dict(tags)
+
+        def create() -> str:
+            return self.client.create_run(experiment_id, start_time=start, tags=tags, run_name=run_name).info.run_id
+
+        self._put(_Call(None, create, f"create run {run_name}", created))
+        return created
+
+    def log(self, run: RunRef, metrics: Optional[Mapping[str, Any]] = None, step: int = 0,
+            params: Optional[Mapping[str, Any]] = None, tags: Optional[Mapping[str, Any]] = None) -> None:
+        """Numeric finite ``metrics`` at ``step`` (timestamped now), ``params`` and ``tags`` of ``run``."""
+        from mlflow.entities import Metric
+
+        now = now_ms()
+        batch = _Batch(run, [Metric(k, v, now, step) for k, v in flat_metrics(metrics or {}).items()],
+                       {k: str(v) for k, v in (params or {}).items()}, {k: str(v) for k, v in (tags or {}).items()})
+        if batch.metrics or batch.params or batch.tags:
+            self._put(batch)
+
+    def terminate(self, run: RunRef, status: str) -> None:
+        """``set_terminated`` with the end time now."""
+        end = now_ms()
+        self._put(_Call(run, lambda: self.client.set_terminated(run_id_of(run), status, end_time=end), f"end run ({status})"))
+
+    def update(self, run: RunRef, status: Optional[str] = None, name: Optional[str] = None) -> None:
+        self._put(_Call(run, lambda: self.client.update_run(run_id_of(run), status=status, name=name), "update run"))
+
+    def artifact(self, run: RunRef, local_path: str, artifact_path: Optional[str] = None) -> None:
+        """Log a file; it must stay in place until :meth:`flush` returns."""
+        self._put(_Call(run, lambda: self.client.log_artifact(run_id_of(run), local_path, artifact_path),
+                        f"artifact {Path(local_path).name}"))
+
+    def flush(self) -> None:
+        """Wait until everything queued so far is in the store; raise if any write failed."""
+        self._queue.join()
+        if self._errors:
+            errors, self._errors = self._errors, []
+            raise TrackingError(f"{len(errors)} MLflow writes failed, the first: {errors[0]}; "
+                                "fix: check the tracking store (disk, server) and resume the search")
+
+    def close(self) -> None:
+        """Flush, then end the thread."""
+        self._closed = True
+        try:
+            self.flush()
+        finally:
+            self._queue.put(None)
+            self._thread.join()
+
+    def _put(self, item: Any) -> None:
+        if self._closed and not self._thread.is_alive():
+            raise RuntimeError("MlflowWriter: closed")
+        self._queue.put(item)
+
+    # ---- the writer thread ---------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                items = [self._queue.get(timeout=0.5)]
+            except queue.Empty:
+                if not threading.main_thread().is_alive():
+                    return  # the process is exiting and everything is written
+                continue
+            while True:  # whatever else is queued goes in the same round
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = None in items
+            try:
+                self._write([i for i in items if i is not None])
+            except Exception as exc:  # never expected; the writer goes on and flush() reports it
+                self._errors.append(f"writer: {type(exc).__name__}: {exc}")
+            finally:
+                for _ in items:
+                    self._queue.task_done()
+            if stop:
+                return
+
+    def _write(self, items: list[Any]) -> None:
+        """Write ``items`` in order, each run's consecutive batches merged into one."""
+        pending: dict[Any, _Batch] = {}  # run -> its merged batch
+        for item in items:
+            key = _key(item.run)
+            if isinstance(item, _Batch):
+                merged = pending.get(key)
+                if merged is not None and set(merged.params) & set(item.params):
+                    self._send(pending.pop(key))  # a param twice: MLflow judges it, in order
+                    merged = None
+                if merged is None:
+                    pending[key] = _Batch(item.run, list(item.metrics), dict(item.params), dict(item.tags))
+                else:
+                    merged.metrics += item.metrics
+                    merged.params.update(item.params)
+                    merged.tags.update(item.tags)
+                continue
+            if key in pending:
+                self._send(pending.pop(key))
+            self._attempt(item.what, item.call, item.result)
+        for batch in pending.values():
+            self._send(batch)
+
+    def _send(self, batch: _Batch) -> None:
+        from mlflow.entities import Param, RunTag
+
+        self._attempt("log_batch", lambda: self.client.log_batch(
+            run_id_of(batch.run), metrics=batch.metrics, params=[Param(k, v) for k, v in batch.params.items()],
+            tags=[RunTag(k, v) for k, v in batch.tags.items()]))
+
+    def _attempt(self, what: str, call: Callable[[], Any], result: Optional["Future[str]"] = None) -> None:
+        try:
+            value = call()
+            self.calls += 1
+        except Exception as exc:  # kept for flush(); the other writes go on
+            message = f"{what}: {type(exc).__name__}: {str(exc).strip()[:200]}"
+            log.warning(f"MLflow write failed ({message})")
+            self._errors.append(message)
+            if result is not None:
+                result.set_exception(exc)
+            return
+        if result is not None:
+            result.set_result(value)
 
 
 def log_json(c, run_id: str, name: str, payload: Any) -> None:

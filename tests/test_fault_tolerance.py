@@ -265,7 +265,7 @@ def test_search_survives_losing_a_worker_node(cluster, tmp_path, space_file):
     """SIGKILL the worker node while a trial trains there: Tune retries that trial from its last
     epoch checkpoint (on the head, or on the worker once it is back), and the search ends with
     every trial complete, each in exactly one MLflow run."""
-    from kdsearch.search.tracking import TRIAL_TAG, client
+    from kdsearch.search.tracking import LATENCY_TAG, TRIAL_TAG, client
 
     state, env = cluster["state"], cluster["env"]
     folder = tmp_path / "search"
@@ -352,6 +352,7 @@ def test_search_survives_losing_a_worker_node(cluster, tmp_path, space_file):
     # MLflow: one parent, one nested run per trial, all complete, the front right
     c, parent, runs, _ = logged_search(uri, "nodeloss")
     assert parent.info.status == "FINISHED"
+    assert parent.data.tags[LATENCY_TAG] == "measurer"  # two trials, 1-CPU nodes: they may share a core
     check_one_run_per_trial(runs, list(trials))
     check_front(c, parent, runs)
 
@@ -485,7 +486,7 @@ def test_interrupted_search_says_so_and_resumes_into_the_same_parent_run(tmp_pat
     trial completed: exit 130, the parent run KILLED with its front so far marked partial, the
     trials in flight KILLED and interrupted (not on the front, not PRUNED in Optuna); `kdsearch
     resume` then finishes every trial in the same parent run, numbering on from trial-004."""
-    from kdsearch.search.tracking import NAME_TAG, PARTIAL_TAG, STATUS_TAG, read_artifact_json
+    from kdsearch.search.tracking import NAME_TAG, PARTIAL_TAG, STATUS_TAG, TRIAL_TAG, read_artifact_json
 
     uri, env, run = start_search(tmp_path, space_file, teacher_cache, "interrupt", 4, subprocess.PIPE)
     stderr = Stderr(run)
@@ -510,6 +511,11 @@ def test_interrupted_search_says_so_and_resumes_into_the_same_parent_run(tmp_pat
         assert interrupted and all(statuses[n][0] == "KILLED" for n in interrupted), statuses
         payload = read_artifact_json(c, parent.info.run_id, "pareto_front.json")
         assert payload["partial"] is True and not {r["trial"] for r in payload["front"]} & interrupted
+        # the driver's batched writes were flushed at the interrupt: every report Tune saw is in MLflow
+        at_interrupt = read_state(folder)
+        for r in runs:
+            last = at_interrupt[r.data.tags[TRIAL_TAG]]["last_result"].get("training_iteration", 0)
+            assert sorted(m.step for m in c.get_metric_history(r.info.run_id, "epoch")) == list(range(1, last + 1)), statuses
         assert "PRUNED" not in optuna_states(folder) and "RUNNING" in optuna_states(folder)
         export = subprocess.run([sys.executable, "-m", "kdsearch.search.cli", "export", "--tracking-uri", uri,
                                  "--experiment", "interrupt", "--out", str(tmp_path / "exports")], cwd=ROOT, env=env,

@@ -11,7 +11,8 @@ import pytest
 
 from kdsearch.search.pareto import hypervolume, pareto_front, pareto_mask, reference_point
 from kdsearch.spaces import SpaceError
-from kdsearch.search.tracking import PARENT_TAG, ROLE_TAG, STATUS_TAG, client, latest_search_run, read_artifact_json
+from kdsearch.search.tracking import (LATENCY_TAG, PARENT_TAG, ROLE_TAG, STATUS_TAG, TRIAL_TAG, client, latest_search_run,
+                                      read_artifact_json)
 
 from conftest import ROOT, dominates
 
@@ -79,6 +80,23 @@ def test_search_logs_one_parent_and_a_nested_run_per_trial(digits_search, logged
         assert "student.family" in run.data.params
         history = c.get_metric_history(run.info.run_id, "val_acc")
         assert [m.step for m in history] == sorted(m.step for m in history) and history
+
+
+def test_every_report_of_every_trial_reached_mlflow_and_latency_was_timed_in_the_trial(digits_search, logged):
+    """The driver's MLflow writes are batched off Tune's loop: still one metric step per report,
+    as many as Tune saw; 2 trials of 1 CPU share no core, so each timed its own file."""
+    from ray.tune import ExperimentAnalysis
+
+    c, parent, runs = logged
+    assert parent.data.tags[LATENCY_TAG] == "trial"
+    tune = {t.trial_id: t.last_result for t in ExperimentAnalysis(digits_search["result"].tune_path).trials}
+    for run in runs:
+        steps = sorted(m.step for m in c.get_metric_history(run.info.run_id, "epoch"))
+        assert steps == list(range(1, tune[run.data.tags[TRIAL_TAG]]["training_iteration"] + 1)), run.info.run_name
+        assert run.data.metrics["latency_ms"] > 0 and run.info.end_time and run.info.end_time >= run.info.start_time
+        if run.data.tags[STATUS_TAG] == "complete":
+            assert {"size_bytes", "val_acc", "params"} <= set(run.data.metrics)
+            assert {a.path for a in c.list_artifacts(run.info.run_id, "student")} >= {"student/student.pt"}
 
 
 def test_front_is_the_brute_force_front_of_complete_trials(logged):
