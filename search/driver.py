@@ -425,7 +425,8 @@ def run_search(space: "Space | str | Path | Mapping[str, Any] | None" = None, *,
     space = as_space(space)
     options = SearchOptions.parse({**(options.model_dump(exclude_unset=True) if options else {}), **values})
     check_objectives(space)
-    check_resources(options)  # before any store, run or Ray session exists
+    check_resources(options)
+    check_space(space)  # all before any store, run or Ray session exists
     with ray_starting(options):  # Ray starts while the teacher phase runs and the store is made
         return _new_search(space, options)
 
@@ -436,7 +437,7 @@ def _new_search(space: Space, options: SearchOptions) -> SearchResult:
 
     from kdsearch.search.tracking import ROLE_TAG, SPACE_TAG, client, experiment_id
 
-    context = prepare_checked(space)
+    context = prepare_context(space)
     mlflow_client = client(options.tracking_uri)
     exp_id = experiment_id(mlflow_client, options.experiment, create=True)
     name = options.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -493,6 +494,7 @@ def resume_search(path: str | Path) -> SearchResult:
         raise UserError(f"{meta_file}: not a kdsearch resume file ({type(exc).__name__}: {str(exc)[:80]}); "
                         "fix: pass the tune folder `kdsearch run` printed, or start the search again") from None
     space = parse_space(read_yaml(text, str(meta_file)), source, text)
+    check_space(space)  # the data or a teacher may have changed since
     with ray_starting(options):  # Ray starts while the teacher phase runs
         return _resume(space, options, path, parent_id, exp_id)
 
@@ -501,20 +503,25 @@ def _resume(space: Space, options: SearchOptions, path: str, parent_id: str, exp
     """:func:`resume_search` once its resume file is read: the teacher phase, then the trials."""
     from kdsearch.search.tracking import client
 
-    context = prepare_checked(space)
+    context = prepare_context(space)
     mlflow_client = client(options.tracking_uri)
     log.info(f"resuming search {options.name} from {path}")
     mlflow_client.update_run(parent_id, status="RUNNING")  # KILLED by an interrupt, or RUNNING after a crash
     return _drive(space, options, mlflow_client, exp_id, parent_id, str(path), restore=True, context=context)
 
 
-def prepare_checked(space: Space) -> Any:
-    """The probes ``kdsearch validate`` prints (data, teachers, hints, constraints), then the data and
-    teachers themselves: all before any store, run or Ray session exists."""
+def check_space(space: Space) -> None:
+    """The probes ``kdsearch validate`` prints (data, teachers, hints, constraints): a bad space is
+    one line before any store, run or Ray session exists."""
     from kdsearch.trainers.probes import probe_space
-    from kdsearch.trainers.trial import prepare
 
     probe_space(space)
+
+
+def prepare_context(space: Space) -> Any:
+    """The data and teachers themselves (the teacher phase), once for all trials, after :func:`check_space`."""
+    from kdsearch.trainers.trial import prepare
+
     log.info("preparing data and teacher (once for all trials)...")
     context = prepare(space)
     log.info(f"teacher {context.targets.description}: val_acc {context.targets.val_acc:.4f}")

@@ -95,6 +95,35 @@ def test_npz_nhwc_uint8_with_val(tmp_path: Path) -> None:
         assert_labels_match_colour(ds.x, ds.y)
 
 
+@pytest.mark.parametrize("layout", ["nhwc uint8", "nchw float32", "grey uint8"])
+def test_npz_read_through_a_memory_map_equals_the_arrays_in_memory(tmp_path: Path, layout: str) -> None:
+    """An uncompressed npz is mapped, not read whole (the loader's peak is the float arrays it builds):
+    the bundle is bitwise the one built from the same arrays in memory, with or without x_val, owns
+    its memory (nothing still maps the file), and a compressed npz (read whole) gives the same."""
+    y, y_val = np.arange(48) % 4, np.arange(12) % 4
+    shape = {"nhwc uint8": (6, 6, 3), "nchw float32": (3, 6, 6), "grey uint8": (6, 6)}[layout]
+    x, x_val = colour_images(y, shape), colour_images(y_val, shape)
+    if "float" in layout:
+        x, x_val = x.astype(np.float32) / 255, x_val.astype(np.float32) / 255
+    config = DataConfig(source="npz", path="unused")
+    for arrays in ({"x_train": x, "y_train": y}, {"x_train": x, "y_train": y, "x_val": x_val, "y_val": y_val}):
+        keys = ("x_train", "y_train", "x_val", "y_val")
+        val = (arrays["x_val"], arrays["y_val"]) if "x_val" in arrays else None
+        expected = data._arrays_bundle((x, y), val, config, "npz", keys)
+        stored = write_npz(tmp_path / "stored.npz", **arrays)
+        compressed = tmp_path / "compressed.npz"
+        np.savez_compressed(compressed, **arrays)
+        headers = data.npz_headers(Path(stored))
+        assert data._map_npz_member(Path(stored), headers["x_train"]) is not None  # the mapped path is the one taken
+        assert data._map_npz_member(compressed, data.npz_headers(compressed)["x_train"]) is None
+        for path in (stored, compressed):
+            bundle = load_data(DataConfig(source="npz", path=str(path)))
+            assert bundle.fingerprint == expected.fingerprint
+            for got, want in ((bundle.train, expected.train), (bundle.val, expected.val), (bundle.raw_val, expected.raw_val)):
+                assert torch.equal(got.x, want.x) and torch.equal(got.y, want.y)
+                assert data._mapping_of(got.x.numpy()) is None and got.x.numpy().flags.writeable
+
+
 def test_npz_layouts(tmp_path: Path) -> None:
     y = np.arange(20) % 2
     grey = load_data(DataConfig(source="npz", path=write_npz(tmp_path / "g.npz", x_train=colour_images(y, (5, 7)), y_train=y)))
@@ -457,3 +486,13 @@ def test_every_source_records_its_preprocessing(tmp_path: Path, monkeypatch: pyt
     assert not datasets.preprocessed and datasets.mean is None and datasets.raw_validation() is datasets.val
     assert datasets.preprocessing()["mean"] is None
     assert_preprocessing_is_recorded(datasets)
+
+
+def test_digits_read_from_sklearns_file_equal_its_loader() -> None:
+    """The digits source reads scikit-learn's bundled file itself (no 2 s import): the same arrays."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    images, target = data.digits_arrays()
+    digits = sk_digits()
+    assert images.dtype == np.float32 and np.array_equal(images, digits.images.astype(np.float32))
+    assert np.array_equal(target, digits.target)

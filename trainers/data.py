@@ -13,6 +13,7 @@ import logging
 import inspect
 import json
 import math
+import mmap
 import os
 import pickle
 import re
@@ -318,7 +319,7 @@ def in_memory_bundle(x: np.ndarray, y: np.ndarray, config: DataConfig, name: str
     if val is None:
         train_idx, val_idx = (i.numpy() for i in split_indices(len(y), config.val_fraction, config.seed))
         x_va_raw, y_va, (x_tr, broken_tr), (x_va, broken_va) = (
-            x[val_idx], y[val_idx], _float_rows(x, train_idx, scale), _float_rows(x, val_idx, scale))
+            _take_rows(x, val_idx), y[val_idx], _float_rows(x, train_idx, scale), _float_rows(x, val_idx, scale))
         y_tr = y[train_idx]
     else:
         x_va_raw, y_va = np.asarray(val[0]), np.asarray(val[1], dtype=np.int64)
@@ -341,6 +342,8 @@ def in_memory_bundle(x: np.ndarray, y: np.ndarray, config: DataConfig, name: str
                     outliers, len(x_tr), OUTLIER_Z)
     num_classes = int(max(y_tr.max(), y_va.max())) + 1
     as_tensor = torch.from_numpy
+    if _mapping_of(x_va_raw) is not None:  # the file's pages: copied, so the bundle owns its memory
+        x_va_raw = _take_rows(x_va_raw, None)
     raw_va = np.ascontiguousarray(x_va_raw if x_va_raw.dtype == np.uint8 else x_va_raw.astype(np.float32, copy=False))
     return DataBundle(
         TensorData(as_tensor(x_tr), as_tensor(np.ascontiguousarray(y_tr))), TensorData(as_tensor(x_va), as_tensor(y_va)),
@@ -363,16 +366,44 @@ def _float_rows(x: np.ndarray, index: Optional[np.ndarray], scale: float) -> tup
     at a time; and how many of them hold NaN or infinity as float32 (as models see them)."""
     n = len(x) if index is None else len(index)
     out = np.empty((n, *x.shape[1:]), dtype=np.float32)
-    broken, step = 0, _chunk_rows(x)
+    broken, step, mapping = 0, _chunk_rows(x), _mapping_of(x)
     for start in range(0, n, step):
         rows = slice(start, min(n, start + step))
         with np.errstate(over="ignore", invalid="ignore"):
             out[rows] = x[rows] if index is None else x[index[rows]]
+        _drop_pages(mapping)
         if scale != 1.0:
             out[rows] /= np.float32(scale)
         if x.dtype.kind in "fc":
             broken += int((~np.isfinite(out[rows].reshape(rows.stop - start, -1))).any(1).sum())
     return out, broken
+
+
+def _take_rows(x: np.ndarray, index: Optional[np.ndarray]) -> np.ndarray:
+    """Rows ``index`` of ``x`` (all when None) as a new contiguous array of ``x``'s dtype, a chunk at a time."""
+    n = len(x) if index is None else len(index)
+    out = np.empty((n, *x.shape[1:]), dtype=x.dtype)
+    step, mapping = _chunk_rows(x), _mapping_of(x)
+    for start in range(0, n, step):
+        rows = slice(start, min(n, start + step))
+        out[rows] = x[rows] if index is None else x[index[rows]]
+        _drop_pages(mapping)
+    return out
+
+
+def _mapping_of(x: np.ndarray) -> Optional[mmap.mmap]:
+    """The memory map ``x`` views (:func:`_map_npz_member`), or None."""
+    base: Any = x
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    return base
+
+
+def _drop_pages(mapping: Optional[mmap.mmap]) -> None:
+    """Unmap the file pages read so far from this process (the page cache keeps them): a
+    mapped source adds one chunk to the peak, not its size."""
+    if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 def _channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -397,10 +428,27 @@ def _channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 @register_source("digits")
 def load_digits(config: DataConfig) -> DataBundle:
     """scikit-learn's bundled 8x8 digits: 1797 images, 10 classes, no download."""
-    from sklearn.datasets import load_digits as sk_digits
+    images, target = digits_arrays()
+    return in_memory_bundle(images, target, config, "digits")
 
-    digits = sk_digits()
-    return in_memory_bundle(digits.images.astype(np.float32), digits.target, config, "digits")
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as (1797, 8, 8) float32 images and labels: read from the file it
+    bundles, as ``sklearn.datasets.load_digits`` reads it, without importing scikit-learn (2 s,
+    on the path of every search's first trial); through it where that file has moved."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")  # finds the package without running it
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if path is None or not path.is_file():
+        from sklearn.datasets import load_digits as sk_digits
+
+        digits = sk_digits()
+        return digits.images.astype(np.float32), digits.target
+    with gzip.open(path) as f:
+        table = np.loadtxt(f, delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8).astype(np.float32), table[:, -1].astype(int)
 
 
 @register_source("mnist")
@@ -709,6 +757,31 @@ def _npz_non_finite(path: Path, header: NpyHeader) -> int:
     return broken
 
 
+def _map_npz_member(path: Path, header: NpyHeader) -> Optional[np.ndarray]:
+    """The array of an uncompressed, C-ordered npz member as a read-only view of the file's
+    bytes (``numpy.savez`` stores members uncompressed), or None (compressed, Fortran order):
+    the loader then copies rows a chunk at a time instead of reading the whole array first."""
+    if header.fortran_order or header.dtype.hasobject or not header.shape:
+        return None
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(header.member)
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)  # the member's local header: its name and extra field come next
+        if local[:4] != b"PK\x03\x04":
+            return None
+        f.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little"))
+        _read_npy_header(f)
+        offset = f.tell()
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    count = math.prod(header.shape)
+    if offset + count * header.dtype.itemsize > len(mapping):
+        raise EOFError(f"{header.member} ends early")
+    return np.frombuffer(mapping, header.dtype, count, offset).reshape(header.shape)
+
+
 @register_source("npz")
 def load_npz(config: DataConfig) -> DataBundle:
     """A ``.npz`` file (``numpy.savez``) at ``data.path``; read without pickle, so never unsafe.
@@ -723,7 +796,11 @@ def load_npz(config: DataConfig) -> DataBundle:
     """
     path = _data_path(config, "a .npz file with x_train and y_train", is_dir=False)
     headers = npz_headers(path)
-    arrays = _read_npz(path, list(headers))
+    try:  # inputs mapped, not read: the peak is the float32 arrays built from them, not those plus the source
+        mapped = {k: a for k in ("x_train", "x_val") if k in headers and (a := _map_npz_member(path, headers[k])) is not None}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise SpaceError("data.path", f"cannot read {path.name} ({exc})", NPZ_FIX) from None
+    arrays = {**_read_npz(path, [k for k in headers if k not in mapped]), **mapped}
     val = (arrays["x_val"], arrays["y_val"]) if "x_val" in arrays else None
     return _arrays_bundle((arrays["x_train"], arrays["y_train"]), val, config, "npz", NPZ_KEYS)
 

@@ -36,12 +36,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-__all__ = ["ArrayStore", "StoreWriter", "map_large_allocations", "open_store", "release_memory", "shared_tensor"]
-
-#: glibc's mallopt parameter number for the mmap threshold
-_M_MMAP_THRESHOLD = -3
-#: allocations at least this large are mapped and unmapped on their own during the teacher phase
-LARGE_ALLOCATION_BYTES = 1 << 20
+__all__ = ["ArrayStore", "StoreWriter", "open_store", "release_memory", "shared_tensor"]
 
 #: rows written per chunk: the writer streams to disk, memory stays flat whatever the store's size
 WRITE_CHUNK_ROWS = 4096
@@ -71,23 +66,6 @@ def release_memory() -> None:
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def map_large_allocations() -> None:
-    """Have glibc map every allocation over :data:`LARGE_ALLOCATION_BYTES` on its own, from now on.
-
-    By default glibc raises its mmap threshold each time a large block is freed, so a training
-    loop's activations (megabytes each, every step) end up in a heap that fragments and never
-    shrinks: measured on a cnn(3 stages, 64 channels) teacher at batch 64, 318 MB of peak RSS
-    against a live set of 164 MB. The driver holds the whole dataset, so the teacher phase calls
-    this; trials run in their own workers. Elsewhere than glibc it does nothing.
-    """
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, LARGE_ALLOCATION_BYTES)
     except (OSError, AttributeError):
         pass
 

@@ -109,10 +109,8 @@ def prepare(space: Space) -> TrialContext:
     ``teacher.device``. The checks are the probe's (:mod:`kdsearch.trainers.probes`), made on
     the real data and teachers.
     """
-    from kdsearch.trainers.store import map_large_allocations
     from kdsearch.trainers.teachers import resolve_device
 
-    map_large_allocations()  # the phase's peak memory is its live set, not a fragmented heap
     data = load_data(space.data)
     hinted = hint_teachers(space)
     teachers = []
