@@ -548,7 +548,8 @@ def _drive(space: Space, options: SearchOptions, mlflow_client, exp_id: str, par
         reference = reference_point(space.objectives, space.reference_point, space.constraints, context.targets.footprint)
         recorder = SearchRecorder(mlflow_client, exp_id, parent_id, space.objectives, reference, options.num_samples)
         measurer = latency_measurer(space, context.data.input_shape, context.data.num_classes,
-                                    min(options.max_concurrent, options.num_samples), options.cpus_per_trial)
+                                    min(options.max_concurrent, options.num_samples), options.cpus_per_trial,
+                                    options.gpus_per_trial)
         recorder.write.log(parent_id, tags={LATENCY_TAG: "trial" if measurer is None else "measurer"})
         trainable = tune.with_resources(
             tune.with_parameters(distil_trainable, space=space, context=ray.put(context), measurer=measurer,

@@ -1,7 +1,10 @@
 """Latency measured where it is not noise, in the runtime the student ships in (``measure.runtime``).
 
 During the search, where a trial times its deployed file (``student.onnx`` for onnxruntime,
-``student.pt`` for torch) depends on one rule, :func:`trials_share_cores`:
+``student.pt`` for torch) depends on one rule: :func:`trials_share_cores` under
+``measure.device: cpu`` (the default), :func:`trials_share_gpu` under ``measure.device: cuda``.
+
+On the CPU:
 
 - trials do not share cores (one trial at a time, or every trial that can run at once fits,
   with its whole CPUs, on the smallest node): each trial times its own file in its own process,
@@ -10,10 +13,25 @@ During the search, where a trial times its deployed file (``student.onnx`` for o
   measurements overlap), placed on a node resource that only it holds where the cluster
   declares one (:data:`LATENCY_RESOURCE`), receiving the file's bytes (:func:`remote_latency_fn`).
 
+On a GPU (``measure.device: cuda``, timed by CUDA events):
+
+- each trial holds whole GPUs (``gpus_per_trial >= 1``), or only one trial runs at a time on
+  one: each trial times its own file on its own GPU;
+- trials may share a GPU (``gpus_per_trial < 1`` with more than one at once), or hold none
+  (``gpus_per_trial 0``): the same serialized actor measures every student in turn, asking Ray
+  for :data:`MEASURER_GPUS` of a GPU so that it lands on a GPU node with ``CUDA_VISIBLE_DEVICES``
+  set. That sliver counts against the GPU's packing: with ``gpus_per_trial`` exactly ``1/k``,
+  the GPU the measurer sits on takes ``k - 1`` trials beside it, not ``k``. Training kernels of
+  the trials sharing that GPU still run while it measures; the quiet phase is the figure the
+  front uses.
+
 Both cache figures by the student's structure. The protocol is the same either way (one
 thread, warm-up, median of at least 30 runs: :mod:`kdsearch.trainers.measure`). After the
 search, the driver measures every complete student's logged file again in a quiet phase with
-no training running (:func:`artifact_latency`); the front uses those figures.
+no training running (:func:`artifact_latency`), on ``measure.device``: under ``cuda`` on the
+driver's GPU (the probes refuse a driver where torch sees none; should it have none all the
+same, the quiet phase is skipped with a warning and the in-search figures stand); the front
+uses those figures.
 """
 
 from __future__ import annotations
@@ -39,6 +57,8 @@ log = logging.getLogger("kdsearch")
 
 #: the custom node resource that only the latency measurer holds
 LATENCY_RESOURCE = "kdsearch_latency"
+#: the GPU fraction the measurer asks for under ``measure.device: cuda`` (a GPU node and a visible GPU)
+MEASURER_GPUS = 0.01
 
 
 def structure_key(params: Mapping[str, Any]) -> str:
@@ -64,7 +84,8 @@ def runtime_example(space: Space, data: Any) -> torch.Tensor:
 
 def artifact_latency(space: Space, params: Mapping[str, Any], folder: Path | str, example: torch.Tensor,
                      input_shape: tuple[int, ...], num_classes: int) -> Latency:
-    """The latency of the deployed file a trial left in ``folder``, in the space's runtime, at ``measure.batch_size``.
+    """The latency of the deployed file a trial left in ``folder``, in the space's runtime, at
+    ``measure.batch_size`` on ``measure.device``.
 
     ``example``: one input as the file takes it (``Runtime.example``: raw for onnxruntime).
     """
@@ -72,7 +93,7 @@ def artifact_latency(space: Space, params: Mapping[str, Any], folder: Path | str
     config = space.resolve(dict(params))
     deployed = runtime.load(Path(folder) / runtime.artifact,
                             lambda: space.build_student(config, tuple(input_shape), num_classes))
-    return runtime.latency(deployed, example, space.measure.batch_size)
+    return runtime.latency(deployed, example, space.measure.batch_size, device=space.measure.device)
 
 
 @ray.remote(num_cpus=0, max_concurrency=1)
@@ -112,15 +133,34 @@ def trials_share_cores(max_concurrent: int, cpus_per_trial: float, node_cpus: Se
     return concurrent > 1 and concurrent * math.ceil(cpus_per_trial) > min(cpu_nodes)
 
 
+def trials_share_gpu(max_concurrent: int, gpus_per_trial: float) -> bool:
+    """The rule for where latency is timed under ``measure.device: cuda``: whether trials running at
+    once may share a GPU. They may when each asks for less than a whole GPU (Ray packs fractions
+    onto one) and more than one trial can run at once."""
+    return gpus_per_trial < 1 and max_concurrent > 1
+
+
 def node_cpus() -> list[float]:
     """The CPUs of each live node of the connected Ray cluster."""
     return [float(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")]
 
 
 def latency_measurer(space: Space, input_shape: tuple[int, ...], num_classes: int, max_concurrent: int,
-                     cpus_per_trial: float) -> Optional["ray.actor.ActorHandle"]:
-    """The serialized measurer where trials share cores (:func:`trials_share_cores`), else None:
-    each trial times its own file."""
+                     cpus_per_trial: float, gpus_per_trial: float = 0.0) -> Optional["ray.actor.ActorHandle"]:
+    """The serialized measurer where trials share cores (:func:`trials_share_cores`) or, under
+    ``measure.device: cuda``, a GPU (:func:`trials_share_gpu`) or hold none; else None: each
+    trial times its own file."""
+    if space.measure.device == "cuda":
+        fit = f"up to {max_concurrent} trials x {gpus_per_trial:g} GPUs"
+        if gpus_per_trial <= 0:
+            log.info(f"latency: one measurer on a GPU times every trial's file in turn ({fit}: trials hold no GPU)")
+        elif trials_share_gpu(max_concurrent, gpus_per_trial):
+            log.info(f"latency: one measurer on a GPU times every trial's file in turn ({fit}: trials may share a GPU; "
+                     f"the measurer holds {MEASURER_GPUS:g} of one)")
+        else:
+            log.info(f"latency: each trial times its own file on its own GPU ({fit}: no GPU shared)")
+            return None
+        return start_measurer(space, input_shape, num_classes)
     cpus = node_cpus()
     smallest = min((c for c in cpus if c > 0), default=0)
     fit = f"up to {max_concurrent} trials x {cpus_per_trial:g} CPUs, smallest node {smallest:g} CPUs"
@@ -132,9 +172,12 @@ def latency_measurer(space: Space, input_shape: tuple[int, ...], num_classes: in
 
 
 def start_measurer(space: Space, input_shape: tuple[int, ...], num_classes: int) -> "ray.actor.ActorHandle":
-    """The measurer, pinned to the latency resource when the cluster declares one."""
+    """The measurer, pinned to the latency resource when the cluster declares one; under
+    ``measure.device: cuda`` on a GPU instead (:data:`MEASURER_GPUS` of one)."""
     options: dict[str, Any] = {}
-    if ray.cluster_resources().get(LATENCY_RESOURCE, 0) >= 1:
+    if space.measure.device == "cuda":
+        options["num_gpus"] = MEASURER_GPUS
+    elif ray.cluster_resources().get(LATENCY_RESOURCE, 0) >= 1:
         options["resources"] = {LATENCY_RESOURCE: 1}
     return LatencyMeasurer.options(**options).remote(space, tuple(input_shape), num_classes)
 
@@ -142,15 +185,15 @@ def start_measurer(space: Space, input_shape: tuple[int, ...], num_classes: int)
 def remote_latency_fn(measurer: "ray.actor.ActorHandle", params: Mapping[str, Any]):
     """A ``latency_fn`` for :func:`kdsearch.trainers.trial.run_trial` that asks the measurer."""
 
-    def latency(deployed: Deployed, example: torch.Tensor, batch_size: int) -> Latency:
-        # the measurer times at the space's measure.batch_size, the batch_size the trial passes
+    def latency(deployed: Deployed, example: torch.Tensor, batch_size: int, device: Optional[str] = None) -> Latency:
+        # the measurer times at the space's measure.batch_size and measure.device, what the trial passes
         return ray.get(measurer.measure.remote(dict(params), deployed.path.read_bytes(), example))
 
     return latency
 
 
-#: figures this process measured: (space, structure, batch size) -> latency (a Tune worker runs many trials)
-_measured: dict[tuple[str, str, int], Latency] = {}
+#: figures this process measured: (space, structure, batch size, device) -> latency (a Tune worker runs many trials)
+_measured: dict[tuple[str, str, int, str], Latency] = {}
 
 
 def local_latency_fn(space: Space, params: Mapping[str, Any]):
@@ -158,10 +201,11 @@ def local_latency_fn(space: Space, params: Mapping[str, Any]):
     once per structure as the measurer does."""
     key = (hashlib.sha256(space.text.encode()).hexdigest(), structure_key(params))
 
-    def latency(deployed: Deployed, example: torch.Tensor, batch_size: int) -> Latency:
-        slot = (*key, batch_size)
+    def latency(deployed: Deployed, example: torch.Tensor, batch_size: int, device: Optional[str] = None) -> Latency:
+        device = device or space.measure.device  # the trial passes measure.device, else it is the space's
+        slot = (*key, batch_size, device)
         if slot not in _measured:
-            _measured[slot] = deployed.runtime.latency(deployed, example, batch_size)
+            _measured[slot] = deployed.runtime.latency(deployed, example, batch_size, device=device)
         return _measured[slot]
 
     return latency

@@ -78,11 +78,22 @@ class TeacherConfig(Strict):
 
 class MeasureConfig(Strict):
     """``measure``: how every trial's deployed student is measured. A setting of the search, not a
-    searched knob: latencies from two runtimes do not compare, so one front has one runtime."""
+    searched knob: latencies from two runtimes (or two devices) do not compare, so one front has
+    one runtime on one device.
+
+    ``device``: ``cpu`` (the default: one thread, wall clock) or ``cuda`` (the student and its
+    batch on the GPU, timed by CUDA events after warm-up, the GPU's name recorded as the
+    latency's device). ``cuda`` refuses an int8 ``compress.quantize`` (torch.ao's and ONNX
+    Runtime's int8 kernels run on the CPU) here, and in the probes, before anything runs, a
+    machine where torch sees no GPU, and ``runtime: onnxruntime`` without ONNX Runtime's
+    ``CUDAExecutionProvider`` (onnxruntime-gpu).
+    """
 
     runtime: str = Field("onnxruntime", description="what the student ships in and is measured by: onnxruntime "
                                                     "(the exported ONNX file) or torch (eager; kdsearch list runtimes)")
     batch_size: int = Field(1, ge=1, le=4096, strict=True, description="inputs per timed call of the latency protocol")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="where latency is timed: cpu (wall clock, one thread) or "
+                                                              "cuda (CUDA events on the GPU, float students only)")
 
     @field_validator("runtime")
     @classmethod
@@ -171,6 +182,9 @@ class TrainConfig(KnobModel):
     weight_decay: float = Field(1e-4, ge=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd only")
     grad_clip: float = Field(0.0, ge=0.0, le=1e6, description="clip the gradient norm to this (0: off)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "bf16", description="the training step's precision on a GPU: fp32, or autocast to bf16 or fp16 (fp16 with a "
+                            "gradient scaler); on a CPU the step runs in fp32 whatever this says")
 
 
 class CompressConfig(KnobModel):
@@ -508,6 +522,7 @@ def parse_space(raw: Any, source: Optional[Path] = None, text: str = "") -> Spac
     sections = {s: parse_section(m, _section_raw(raw, s), s) for s, m in SEARCHED_SECTIONS.items()}
     measure = _strict(MeasureConfig, raw.get("measure"), "measure")
     _check_quantizers(measure, sections["compress"].get("quantize", Fixed("none")))
+    _check_device(measure, sections["compress"].get("quantize", Fixed("none")))
     weights = sections["distill"].get("teacher_weights")
     if weights is not None and isinstance(weights, Fixed) and weights.value is not None and len(weights.value) != len(teachers):
         raise SpaceError("distill.teacher_weights", f"{len(weights.value)} weights for {len(teachers)} teachers",
@@ -553,6 +568,19 @@ def _check_quantizers(measure: MeasureConfig, knob: Knob) -> None:
             where = f"compress.quantize.choice[{i}]" if isinstance(knob, Choice) else "compress.quantize"
             raise SpaceError(where, f"{value!r} has no {measure.runtime} quantizer",
                              f"use one of: {', '.join(runtime.quantizer_names())}, or set measure.runtime: torch")
+
+
+def _check_device(measure: MeasureConfig, knob: Knob) -> None:
+    """Under ``measure.device: cuda`` every ``compress.quantize`` value the space can sample is ``none``:
+    torch.ao's int8 kernels and ONNX Runtime's int8 QDQ graphs run on the CPU."""
+    if measure.device != "cuda":
+        return
+    values = knob.values if isinstance(knob, Choice) else (knob.value,) if isinstance(knob, Fixed) else ()
+    for i, value in enumerate(values):
+        if value != "none":
+            where = f"compress.quantize.choice[{i}]" if isinstance(knob, Choice) else "compress.quantize"
+            raise SpaceError(where, f"{value!r} is an int8 student whose kernels run on the CPU, not under "
+                                    "measure.device: cuda", "use compress.quantize: none, or set measure.device: cpu")
 
 
 def load_space(path_or_dict: str | Path | Mapping[str, Any] | None = None) -> Space:

@@ -62,7 +62,7 @@ def test_measure_defaults_to_onnxruntime_at_batch_1_and_is_described():
     space = parse_space(raw_space())
     assert space.measure.runtime == "onnxruntime" and space.measure.batch_size == 1
     assert parse_space({k: v for k, v in raw_space().items() if k != "measure"}).measure == space.measure
-    assert space.describe()["measure"] == {"runtime": "onnxruntime", "batch_size": 1}
+    assert space.describe()["measure"] == {"runtime": "onnxruntime", "batch_size": 1, "device": "cpu"}
 
 
 @pytest.mark.parametrize("measure, field, words", [

@@ -177,7 +177,8 @@ def test_trials_share_cores_rule(max_concurrent, cpus_per_trial, node_cpus, shar
 
 def test_in_trial_latency_is_timed_once_per_structure_in_the_trials_process(digits_space):
     calls = []
-    runtime = SimpleNamespace(latency=lambda deployed, example, batch_size: calls.append(batch_size) or f"figure {len(calls)}")
+    runtime = SimpleNamespace(latency=lambda deployed, example, batch_size, device="cpu":
+                              calls.append(batch_size) or f"figure {len(calls)}")
     deployed = SimpleNamespace(runtime=runtime)
     params = {"student.family": "cnn", "student.cnn.stages": 2, "compress.prune_ratio": 0.0, "train.lr": 0.01}
     other_lr = {**params, "train.lr": 0.02}  # same structure

@@ -68,9 +68,9 @@ def test_latency_is_measured_once_before_training_on_the_shipped_structure(digit
     def shapes(path):
         return sorted((t.data_type, tuple(t.dims)) for t in onnx.load(str(path)).graph.initializer)
 
-    def latency_fn(deployed, example, batch_size):
+    def latency_fn(deployed, example, batch_size, device="cpu"):
         measured.append((len(reports), shapes(deployed.path)))
-        return deployed.runtime.latency(deployed, example, batch_size)
+        return deployed.runtime.latency(deployed, example, batch_size, device=device)
 
     config = params(digits_space, {**SMALL_CNN, "compress.prune_ratio": 0.5, "compress.quantize": "static_int8"})
     result = run_trial(digits_space, config, lambda m, state=None: reports.append(m), context=digits_context, epochs=2,

@@ -182,12 +182,14 @@ def compact_names(source: Path, out: Path) -> None:
     onnx.save(model, str(out))
 
 
-def onnx_session(path: Path | str, threads: int = 1) -> Any:
-    """An ONNX Runtime CPU session on ``path`` with the latency protocol's settings: ``threads``
+def onnx_session(path: Path | str, threads: int = 1, device: str = "cpu") -> Any:
+    """An ONNX Runtime session on ``path`` with the latency protocol's settings: ``threads``
     intra-op threads, one inter-op thread, sequential execution, every graph optimisation.
 
     The same settings run a trial's latency and accuracy and an export's parity check, so the
-    export re-checks the file exactly as the trial measured it.
+    export re-checks the file exactly as the trial measured it. ``device="cuda"`` (``measure.device``)
+    runs it on ONNX Runtime's ``CUDAExecutionProvider`` (onnxruntime-gpu, the current GPU); a
+    session that ONNX Runtime quietly put back on the CPU is refused.
     """
     import onnxruntime as ort
 
@@ -197,4 +199,10 @@ def onnx_session(path: Path | str, threads: int = 1) -> Any:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    if device == "cuda":
+        session = ort.InferenceSession(str(path), options, providers=["CUDAExecutionProvider"])
+        if "CUDAExecutionProvider" not in session.get_providers():
+            raise RuntimeError("measure.device: cuda but ONNX Runtime fell back to the CPU (no CUDAExecutionProvider: "
+                               "install onnxruntime-gpu matching this CUDA, or set measure.runtime: torch)")
+        return session
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

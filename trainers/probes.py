@@ -12,6 +12,11 @@ it checks that
   as many outputs as the data has classes (a built-in teacher is built on the meta device:
   its width is the class count by construction, its size is checked against the limits);
 * the hint stages exist on the hint teacher;
+* ``measure.device: cuda`` can be timed here: torch sees a GPU on this machine (the one that
+  validates or drives the search, where the quiet phase measures after the search; a driver
+  without a GPU is refused even if its cluster's workers have one: validate and run the search
+  where a GPU is), and ``measure.runtime: onnxruntime`` has ONNX Runtime's
+  ``CUDAExecutionProvider`` (onnxruntime-gpu) (:func:`probe_measure`);
 * some point of the space is a student that meets the constraints and the sane size limits,
   its footprint taken on the meta device (nothing allocated, whatever a knob says).
 
@@ -36,7 +41,8 @@ from kdsearch.trainers.teachers import build_teacher_module, check_outputs, read
 from kdsearch.trainers.trial import (build_on_meta, check_hint_stages, check_student_size, constraint_violation,
                                      device_of, expected_footprint, footprint_of, hint_teachers, over_limits)
 
-__all__ = ["ProbeReport", "TeacherSummary", "check_satisfiable", "probe_space", "probe_teacher", "space_imports"]
+__all__ = ["ProbeReport", "TeacherSummary", "check_satisfiable", "probe_measure", "probe_space", "probe_teacher",
+           "space_imports"]
 
 #: random points of the space tried for one that meets the constraints
 SATISFIABILITY_SAMPLES = 200
@@ -84,11 +90,31 @@ def probe_space(space: Space, samples: int = SATISFIABILITY_SAMPLES) -> ProbeRep
 
     Raises :class:`SpaceError` (a field) or :class:`UserError` (the constraints), one line each.
     """
+    probe_measure(space)
     data = probe_data(space.data)
     hinted = hint_teachers(space)
     teachers = tuple(probe_teacher(space, index, data, index in hinted) for index in range(len(space.teachers)))
     fitting = check_satisfiable(space, data.input_shape, data.num_classes, samples)
     return ProbeReport(data, teachers, space_imports(space), fitting, bool(space.constraints))
+
+
+def probe_measure(space: Space) -> None:
+    """``measure.device: cuda`` needs a GPU torch sees here and, for ``runtime: onnxruntime``, ONNX
+    Runtime's CUDAExecutionProvider (the space file cannot know either: checked on this machine)."""
+    measure = space.measure
+    if measure.device != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise SpaceError("measure.device", "cuda but torch sees no GPU on this machine (the driver measures the "
+                                           "front's latency after the search)", "set measure.device: cpu, or run where a GPU is")
+    if measure.runtime == "onnxruntime":
+        import onnxruntime
+
+        available = onnxruntime.get_available_providers()
+        if "CUDAExecutionProvider" not in available:
+            raise SpaceError("measure.runtime", "onnxruntime on measure.device: cuda needs ONNX Runtime's "
+                                                f"CUDAExecutionProvider (this one has {', '.join(available)})",
+                             "set measure.runtime: torch, or install onnxruntime-gpu")
 
 
 def probe_teacher(space: Space, index: int, data: DataSummary, hinted: bool) -> TeacherSummary:

@@ -8,8 +8,9 @@ trial measures its student in the runtime the user deploys. One small interface,
 - ``deploy(student, quantize, calib, data, folder)`` compresses the float student as
   ``compress.quantize`` asks *for this runtime*, writes the deployed file into ``folder`` and
   returns it loaded (:class:`Deployed`);
-- ``latency(deployed, example, batch_size)`` times that file with the protocol of
-  :mod:`kdsearch.trainers.measure`; ``accuracy(deployed, data)`` scores it on the validation set;
+- ``latency(deployed, example, batch_size, device)`` times that file with the protocol of
+  :mod:`kdsearch.trainers.measure`, at ``measure.batch_size`` on ``measure.device`` (both passed
+  by the caller from the space's ``measure``); ``accuracy(deployed, data)`` scores it on the validation set;
 - ``load(path, build)`` runs a file written by ``deploy`` again (the search's latency measurer
   gets its bytes, the quiet phase and ``kdsearch export`` its logged copy).
 
@@ -18,7 +19,8 @@ Runtimes:
 - ``onnxruntime`` (the default: ``kdsearch export`` ships ONNX): ``student.onnx``, the
   :func:`~kdsearch.trainers.deployable.deployable` student (raw inputs, the standardisation
   inside, dynamic batch), run by an ONNX Runtime CPU session with one intra-op and one
-  inter-op thread, sequential execution. ``compress.quantize`` picks an entry of
+  inter-op thread, sequential execution (timed on ``measure.device: cuda`` by a session of the
+  same file on the CUDAExecutionProvider). ``compress.quantize`` picks an entry of
   :data:`ONNX_QUANTIZERS`: ``none``, or ``static_int8``, ONNX Runtime's own static
   quantization (``quantize_static``, QDQ format, uint8 activations and per-channel int8
   weights as its guide advises for x86, min-max calibrated on the trial's training calibration
@@ -49,7 +51,8 @@ from kdsearch.trainers.checkpoint import load_student, save_student
 from kdsearch.trainers.data import batches
 from kdsearch.trainers.deployable import (INPUT, compact_names, deployable, onnx_session, quiet_exporters, raw_inputs,
                                           write_onnx)
-from kdsearch.trainers.measure import RUNS, Latency, accuracy, batch_of, device_name, measure_latency, time_calls
+from kdsearch.trainers.measure import (RUNS, Latency, accuracy, batch_of, cuda_device, device_name, measure_latency,
+                                       time_calls)
 from kdsearch.trainers.quantize import get_quantizer
 
 __all__ = ["CHECKPOINT", "ONNX_QUANTIZERS", "Deployed", "Runtime", "file_sha256", "get_runtime",
@@ -131,8 +134,9 @@ class Runtime(ABC):
         """Logits of ``deployed`` on the batch ``x``."""
 
     @abstractmethod
-    def latency(self, deployed: Deployed, example: torch.Tensor, batch_size: int = 1) -> Latency:
-        """``deployed``'s latency on ``batch_size`` copies of ``example`` (the protocol of trainers.measure)."""
+    def latency(self, deployed: Deployed, example: torch.Tensor, batch_size: int = 1, device: str = "cpu") -> Latency:
+        """``deployed``'s latency on ``batch_size`` copies of ``example`` on ``device`` (``measure.device``:
+        cpu or cuda), with the protocol of trainers.measure."""
 
     def accuracy(self, deployed: Deployed, data: Any) -> float:
         """Top-1 accuracy of the file on the validation set."""
@@ -198,8 +202,8 @@ class TorchRuntime(Runtime):
         with torch.inference_mode():
             return deployed.handle(x).float().numpy()
 
-    def latency(self, deployed: Deployed, example: torch.Tensor, batch_size: int = 1) -> Latency:
-        return measure_latency(deployed.handle, example, batch_size=batch_size)
+    def latency(self, deployed: Deployed, example: torch.Tensor, batch_size: int = 1, device: str = "cpu") -> Latency:
+        return measure_latency(deployed.handle, example, batch_size=batch_size, device=device)
 
     def accuracy(self, deployed: Deployed, data: Any) -> float:
         return accuracy(deployed.handle, data.val)
@@ -284,9 +288,16 @@ class OnnxRuntime(Runtime):
     def predict(self, deployed: Deployed, x: torch.Tensor) -> np.ndarray:
         return deployed.handle.run(None, {INPUT: x.float().numpy()})[0]
 
-    def latency(self, deployed: Deployed, example: torch.Tensor, batch_size: int = 1) -> Latency:
-        session = deployed.handle
+    def latency(self, deployed: Deployed, example: torch.Tensor, batch_size: int = 1, device: str = "cpu") -> Latency:
+        """On ``cuda``: a session of the same file on the CUDAExecutionProvider, timed by the host
+        clock (``session.run`` returns when the GPU is done and the outputs are back: the figure
+        includes the input's and the logits' copies, as a deployed ONNX Runtime GPU service pays them)."""
+        session = deployed.handle if device == "cpu" else onnx_session(deployed.path, device=device)
         feed = {INPUT: batch_of(example.float(), batch_size).numpy()}
         median, iqr = time_calls(lambda: session.run(None, feed), RUNS)
         threads = session.get_session_options().intra_op_num_threads
-        return Latency(median, iqr, RUNS, threads, device_name(), torch.backends.cpu.get_cpu_capability(), batch_size)
+        if device == "cuda":
+            name, capability = cuda_device() if torch.cuda.is_available() else ("cuda", "cuda")
+        else:
+            name, capability = device_name(), torch.backends.cpu.get_cpu_capability()
+        return Latency(median, iqr, RUNS, threads, name, capability, batch_size)

@@ -32,6 +32,8 @@ from torch import nn
 
 from kdsearch.spaces import SpaceError, TeacherConfig, TrainConfig, get_family, import_ref
 from kdsearch.trainers.data import DataBundle, batches
+from kdsearch.trainers.device import (gradient_scaler, place_data, setup_device, to_channels_last, to_contiguous,
+                                      to_device)
 from kdsearch.trainers.losses import Outputs
 from kdsearch.trainers.loop import cosine_lr, make_optimizer, steps_per_epoch, train_epoch
 from kdsearch.trainers.measure import accuracy, count_macs, count_params, measure_latency
@@ -67,6 +69,10 @@ def train_builtin_teacher(config: TeacherConfig, data: DataBundle, device: str =
     torch.manual_seed(config.seed)
     model = family.build(family.config.model_validate(config.config), data.input_shape, data.num_classes).to(device)
     train = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, optimizer="adamw")
+    setup_device(device)
+    placed = place_data(data, device)  # on a GPU, the data moves there once when it fits
+    to_channels_last(model)
+    scaler = gradient_scaler(device, train.precision)
     optimizer = make_optimizer(model.parameters(), train)
     scheduler = cosine_lr(optimizer, train.epochs * steps_per_epoch(data.train, train.batch_size))
     augment = Augment(config.augment, data.input_shape, data.fill_value())
@@ -84,11 +90,11 @@ def train_builtin_teacher(config: TeacherConfig, data: DataBundle, device: str =
 
     with progress(train.epochs * len(data.train), f"training the {config.family} teacher") as advance:
         for epoch in range(train.epochs):
-            train_epoch(model, data.train, train.batch_size, config.seed, optimizer, scheduler, step_loss, epoch, device,
-                        on_step=advance)
-    del optimizer, scheduler
+            train_epoch(model, placed.train, train.batch_size, config.seed, optimizer,
+                        scheduler, step_loss, epoch, device, on_step=advance, precision=train.precision, scaler=scaler)
+    del optimizer, scheduler, placed
     release_memory()
-    return model.cpu().eval()
+    return to_contiguous(model.cpu()).eval()
 
 
 def teacher_field(index: int, count: int) -> str:
@@ -403,7 +409,7 @@ def compute_targets(teacher: nn.Module, data: DataBundle, stages: bool | Sequenc
         outputs = {t: writer.open_rows(f"stage{t}", (n, *shapes[t][1:]), np.float16) for t in chosen}
         with progress(n, "teacher pass") as advance:
             for _, x, _ in batches(data.train, pass_batch):
-                out = teacher_outputs(model, x.to(device), bool(chosen))
+                out = teacher_outputs(model, to_device(x, device), bool(chosen))
                 logits.write(out.logits.float().cpu().half())
                 for t, rows in outputs.items():
                     rows.write(out.features[t].float().cpu().half())

@@ -19,6 +19,7 @@ per-sample teacher weights (``distill.teacher_mix``) and the loss's targets:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -33,6 +34,7 @@ from kdsearch.spaces.registry import TEACHER_MIXES
 from kdsearch.spaces.schema import TrialConfig
 from kdsearch.trainers.augment import NO_PARTNER, Augment, Augmented, ViewParams
 from kdsearch.trainers.data import DataBundle, TensorData
+from kdsearch.trainers.device import fits_on
 from kdsearch.trainers.losses import Outputs, Teachers
 
 log = logging.getLogger("kdsearch")
@@ -156,6 +158,9 @@ class Teaching:
             self.store = view_store(self.data, [t.model for t in self.targets], [t.key for t in self.targets],
                                     self.augment, int(views), context.view_seed, device)
             self.passes += self.store.passes
+            if fits_on(device, self.store.logits.numel() * self.store.logits.element_size()):
+                # this trial's copy on the GPU: a step gathers its targets there (the map is shared on the host)
+                self.store = dataclasses.replace(self.store, logits=self.store.logits.to(device))
 
     def start_epoch(self, epoch: int) -> None:
         """Each epoch every sample is shown one of the stored views, drawn with the trial's seed."""

@@ -24,6 +24,8 @@ from kdsearch.spaces import Choice, Fixed, Space, SpaceError, TrialConfig
 from kdsearch.trainers.checkpoint import save_student
 from kdsearch.trainers.compress import ShapeOnlyImportance, prune_student, recalibrate_batchnorm
 from kdsearch.trainers.data import DataBundle, batches, load_data
+from kdsearch.trainers.device import (gradient_scaler, place_data, place_teachers, setup_device, to_channels_last,
+                                      to_contiguous)
 from kdsearch.trainers.loop import OnFraction, TrialDiverged, cosine_lr, make_optimizer, steps_per_epoch, train_epoch
 from kdsearch.trainers.losses import DistillLoss, Outputs, Teachers, build_distill_loss
 from kdsearch.trainers.measure import Latency, accuracy, count_macs, count_params
@@ -41,12 +43,12 @@ class Report(Protocol):
     def __call__(self, metrics: dict[str, Any], state: Optional[dict[str, Any]] = None) -> None: ...
 
 
-#: ``latency_fn(deployed, example, batch_size)``: the deployed file lets a remote measurer run it again
-LatencyFn = Callable[[Deployed, torch.Tensor, int], Latency]
+#: ``latency_fn(deployed, example, batch_size, device)``: the deployed file lets a remote measurer run it again
+LatencyFn = Callable[[Deployed, torch.Tensor, int, str], Latency]
 
 
-def local_latency(deployed: Deployed, example: torch.Tensor, batch_size: int) -> Latency:
-    return deployed.runtime.latency(deployed, example, batch_size)
+def local_latency(deployed: Deployed, example: torch.Tensor, batch_size: int, device: str = "cpu") -> Latency:
+    return deployed.runtime.latency(deployed, example, batch_size, device=device)
 
 
 @dataclass
@@ -253,7 +255,7 @@ def _size_knob(space: Space, config: TrialConfig, input_shape: tuple[int, ...], 
 
 
 def deployed_footprint(student: nn.Module, config: TrialConfig, data: DataBundle, calib: list[torch.Tensor],
-                       meta: dict[str, Any], runtime: Runtime, batch_size: int,
+                       meta: dict[str, Any], runtime: Runtime, batch_size: int, device: str,
                        latency_fn: LatencyFn) -> tuple[dict[str, Any], Latency]:
     """Params, MACs and latency of the student as it will ship (pruned, quantized, written as
     ``runtime``'s file and run by it), from an untrained copy.
@@ -267,7 +269,7 @@ def deployed_footprint(student: nn.Module, config: TrialConfig, data: DataBundle
     footprint: dict[str, Any] = {**footprint_of(model, example), "runtime": runtime.name}
     with tempfile.TemporaryDirectory() as tmp:
         deployed = runtime.deploy(model, config.compress.quantize, calib, data, Path(tmp), meta)
-        return footprint, latency_fn(deployed, runtime.example(data), batch_size)
+        return footprint, latency_fn(deployed, runtime.example(data), batch_size, device)
 
 
 class _Distiller:
@@ -278,6 +280,7 @@ class _Distiller:
         self.student, self.context, self.config, self.device, self.teaching = student, context, config, device, teaching
         self.loss = self._loss()
         self.optimizer = make_optimizer(list(student.parameters()) + list(self.loss.parameters()), config.train)
+        self.scaler = gradient_scaler(device, config.train.precision)
         self.scheduler = cosine_lr(self.optimizer, epochs * steps_per_epoch(context.data.train, config.train.batch_size))
 
     def _loss(self) -> DistillLoss:
@@ -304,18 +307,24 @@ class _Distiller:
         modules = nn.ModuleList([self.student, self.loss])
         return train_epoch(modules, self.context.data.train, self.config.train.batch_size, seed,
                            self.optimizer, self.scheduler, self.step_loss, epoch, self.device, fractions, on_fraction,
-                           grad_clip=self.config.train.grad_clip)
+                           grad_clip=self.config.train.grad_clip, precision=self.config.train.precision,
+                           scaler=self.scaler)
 
     def state(self, epoch: int) -> dict[str, Any]:
         """A snapshot (copied: the live tensors keep training after it is reported)."""
-        return copy.deepcopy({"epoch": epoch, "student": self.student.state_dict(), "loss": self.loss.state_dict(),
-                              "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()})
+        state = {"epoch": epoch, "student": self.student.state_dict(), "loss": self.loss.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return copy.deepcopy(state)
 
     def load(self, state: dict[str, Any]) -> int:
         self.student.load_state_dict(state["student"])
         self.loss.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         return int(state["epoch"])
 
 
@@ -353,6 +362,7 @@ def run_trial(space: Space, params: dict[str, Any], report: Optional[Report] = N
     emit = report or (lambda metrics, state=None: None)
     check_student_size(space, config, data.input_shape, data.num_classes)  # on the meta device, before a real build
     torch.manual_seed(seed)
+    setup_device(device)
     student = space.build_student(config, data.input_shape, data.num_classes).to(device)
     example = context.example
     calib = [x for _, (_, x, _) in zip(range(config.compress.calib_batches),
@@ -361,7 +371,7 @@ def run_trial(space: Space, params: dict[str, Any], report: Optional[Report] = N
             "num_classes": data.num_classes}
     runtime = get_runtime(space.measure.runtime)
     footprint, latency = deployed_footprint(student, config, data, calib, meta, runtime, space.measure.batch_size,
-                                            latency_fn)
+                                            space.measure.device, latency_fn)
     footprint.update(latency.as_metrics())
     distil_epochs = epochs or config.train.epochs
     prune = config.compress.prune_ratio > 0
@@ -372,7 +382,7 @@ def run_trial(space: Space, params: dict[str, Any], report: Optional[Report] = N
 
     def progress(epoch: float, loss: float, phase: str, validate: bool = True) -> dict[str, Any]:
         """A report's metrics; ``validate``: with ``val_acc``, one validation pass of the student as it is now."""
-        val = {"val_acc": accuracy(student, data.val, device=device)} if validate else {}
+        val = {"val_acc": accuracy(student, placed.data.val, device=device)} if validate else {}
         return {"epoch": epoch, **val, "train_loss": loss, "phase": phase, "teacher_passes": teaching.passes,
                 **footprint}
 
@@ -396,27 +406,32 @@ def run_trial(space: Space, params: dict[str, Any], report: Optional[Report] = N
             emit(progress(epoch + fraction, loss, phase))
         return [point - epoch for point in report_at if epoch < point < epoch + 1], report_fraction
 
-    teaching = Teaching(context, config, device, seed)
-    distiller = _Distiller(student, config, context, distil_epochs, device, teaching)
+    # on a GPU the data and the teachers' outputs move there once (when they fit); the CPU copies
+    # stay for what runs on the host: calibration, the deployed file, its accuracy
+    placed = dataclasses.replace(context, data=place_data(data, device), teachers=place_teachers(context.teachers, device))
+    to_channels_last(student)
+    teaching = Teaching(placed, config, device, seed)
+    distiller = _Distiller(student, config, placed, distil_epochs, device, teaching)
     start_epoch = distiller.load(resume) if resume else 0
     for epoch in range(start_epoch, distil_epochs):
         loss = distiller.epoch(epoch, seed, *inside(epoch, "distill"))
         epoch_done(epoch + 1, loss, "distill", distiller.state(epoch + 1) if checkpoint_state else None)
     if prune and distilled_acc is None:  # resumed past distillation, or no fine-tuning: not measured yet
-        distilled_acc = accuracy(student, data.val, device=device)
+        distilled_acc = accuracy(student, placed.data.val, device=device)
 
     example = example.to(device)
     if prune:
         targets = context.targets
+        to_contiguous(student)  # Torch-Pruning slices tensors in the default layout
         student = prune_student(student, config.compress.prune_ratio, config.compress.prune_criterion, example,
                                 loss_fn=lambda m: _batch_loss(m, data, targets, config, device))
         recalibrate_batchnorm(student, [x.to(device) for x in calib])  # pruning leaves BatchNorm statistics stale
-        tuner = _Distiller(student, config, context, finetune_epochs, device, teaching)
+        tuner = _Distiller(student, config, placed, finetune_epochs, device, teaching)
         for epoch in range(finetune_epochs):
             loss = tuner.epoch(distil_epochs + epoch, seed, *inside(distil_epochs + epoch, "finetune"))
             epoch_done(distil_epochs + epoch + 1, loss, "finetune")
 
-    student = student.cpu().eval()
+    student = to_contiguous(student.cpu()).eval()  # safetensors and ONNX export take the default layout
     example = example.cpu()
     float_metrics = {"params": count_params(student), "macs": count_macs(student, example)}
     with tempfile.TemporaryDirectory() as tmp:
