@@ -10,7 +10,8 @@ For each size, in fresh processes run one after the other (so memory and time ar
   the same teacher, epochs, batch size, optimiser and threads (a plain training loop plus one
   ``inference_mode`` pass over the training set keeping the logits and that stage);
 - ``driver_peak_over_data``: the preparing process's peak RSS increase over the bytes of the
-  data it holds (float32 train and validation inputs, labels, raw validation inputs);
+  data it holds (float32 train and validation inputs, labels, raw validation inputs); the bare
+  loop's own figure, measured the same way, is ``bare_peak_over_data`` in ``detail``;
 - ``worker_rss_mb``: the RSS increase of a Ray worker when it takes the shared context (as a
   trial does), the largest of two workers (``worker_uss_mb``: its private memory);
 - ``hint_store_fraction``: the share of hinted batches whose stage targets came from the store;
@@ -166,6 +167,8 @@ def child_bare(path: Path) -> dict[str, Any]:
     from kdsearch.trainers.data import load_data
 
     space = space_for(path)
+    reset_peak()
+    base = peak_rss_mb()
     data = load_data(space.data)
     config = space.teachers[0]
     family = get_family(config.family)
@@ -195,7 +198,10 @@ def child_bare(path: Path) -> dict[str, Any]:
             logits.append(out.half())
             stage.append(features[-1].half())
     total = time.perf_counter() - started
-    return {"bare_s": total, "bare_train_s": trained, "bare_pass_s": total - trained, "threads": torch.get_num_threads()}
+    held = sum(t.nbytes for t in (data.train.x, data.train.y, data.val.x, data.val.y, data.raw_val.x, data.raw_val.y))
+    increase = peak_rss_mb() - base  # the same measure as child_prepare's: what plain PyTorch needs for this work
+    return {"bare_s": total, "bare_train_s": trained, "bare_pass_s": total - trained, "threads": torch.get_num_threads(),
+            "bare_peak_increase_mb": increase, "bare_peak_over_data": increase * 2**20 / held}
 
 
 def child_steps(path: Path) -> dict[str, Any]:
