@@ -31,8 +31,8 @@ def accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 512, device: 
     correct = total = 0
     with torch.inference_mode():
         for _, x, y in batches(dataset, batch_size):
-            pred = model(x.to(device)).argmax(dim=-1).cpu()
-            correct += int((pred == y).sum())
+            pred = model(x.to(device)).argmax(dim=-1)
+            correct += int((pred == y.to(pred.device)).sum())  # the labels may live on the GPU with the data
             total += len(y)
     return correct / max(total, 1)
 

@@ -202,7 +202,8 @@ class Teaching:
             assert self.view_of is not None, "start_epoch() first"
             view = self.view_of[idx]
             seen = replay(self.augment, self.data.train, lambda index: self.store.rows(view, index), idx)
-            x, targets = seen.x.to(x.device), seen.targets(y.cpu(), self.data.num_classes).to(x.device)
+            # the labels where the replayed view is (the data's device: on a GPU when the data was placed there)
+            x, targets = seen.x.to(x.device), seen.targets(y.to(seen.x.device), self.data.num_classes).to(x.device)
             stored = self.store.logits[:, view, idx].to(x.device).float()  # (T, B, C)
             outputs = [Outputs(stored[t]) for t in range(count)]
             if hint >= 0:  # stage outputs are not stored: the hint teacher sees the view now
