@@ -7,7 +7,9 @@ students drawn with fixed seeds from the built-in space's families and knobs (it
 distillation, augmentation and compression sections; shorter training) runs as kdsearch's own
 trainable (``search.driver.distil_trainable``) through Ray Tune with the resources the driver
 asks for (``{"cpu": --cpus-per-trial, "gpu": 1/k}``, what ``--gpus-per-trial 1/k`` gives), for
-k = 1, 2 and 4 students per GPU; every trial gets the same CPUs in every run. It prints:
+k = 1, 2 and 4 students per GPU; every trial gets the same CPUs in every run. Where the
+untimed warm-up trial says 16 students a run would not fit in ``--budget-s`` (default 450 s),
+every run takes the same first few of them instead (``configs_run``). It prints:
 
 - ``trials_per_hour`` for each k (the 16 trials over Tune's wall time for them);
 - ``util``: GPU utilisation and memory sampled through NVML every 0.2 s during each run;
@@ -228,11 +230,14 @@ def main() -> None:
     parser.add_argument("--cpu-teacher", action="store_true", help="also time the teacher phase on this machine's CPUs")
     parser.add_argument("--cpu-check", action="store_true",
                         help="a rehearsal on a CPU: 2,000 samples, 4 students, 1 and 2 at a time, no GPU")
+    parser.add_argument("--budget-s", type=float, default=450,
+                        help="the whole run's seconds: after the warm-up trial, fewer students a run where 16 would not fit")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     if args.cpu_check:
         args.samples, args.configs, args.packings = 2000, 4, "1,2"
     packings = [int(k) for k in args.packings.split(",")]
+    begun = time.perf_counter()
 
     import ray
     import torch
@@ -273,7 +278,15 @@ def main() -> None:
         try:
             context_ref = ray.put(context)
             say("warm-up: one untimed trial (Ray's workers, the page cache)...")
-            run_packing(space, context_ref, configs[:1], 1, cpus_per_trial, gpu, tmp / "tune-warmup")
+            warmup = run_packing(space, context_ref, configs[:1], 1, cpus_per_trial, gpu, tmp / "tune-warmup")
+            warm = (warmup["mean_trial_s"] or warmup["wall_s"]) + 1.0  # the trial's own time, not its worker's start
+            # the same students in every run: fewer of them where the budget cannot hold all (said in the JSON)
+            left = args.budget_s - (time.perf_counter() - begun)
+            fit = int(left / (1.2 * warm * sum(1 / k for k in packings)))
+            if fit < len(configs):
+                configs = configs[:max(4, fit)]
+                say(f"budget: {len(configs)} students a run (a trial takes about {warm:.0f} s)")
+            result["configs_run"] = len(configs)
             runs = {}
             for k in packings:
                 say(f"{len(configs)} students, {k} per GPU...")
