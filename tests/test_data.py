@@ -124,6 +124,39 @@ def test_npz_read_through_a_memory_map_equals_the_arrays_in_memory(tmp_path: Pat
                 assert data._mapping_of(got.x.numpy()) is None and got.x.numpy().flags.writeable
 
 
+def _peak_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_rows_of_a_mapped_npz_are_gathered_in_file_order_without_mapping_the_file(tmp_path: Path, monkeypatch) -> None:
+    """A random subset of a mapped file's rows (the validation split) equals fancy indexing, chunk
+    boundaries and repeated rows included, and costs about its own size, not the file's: the
+    kernel maps files in large folios, so rows taken in request order would map nearly all of it."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (12_000, 64, 64), dtype=np.uint8)  # 47 MB
+    path = Path(write_npz(tmp_path / "big.npz", x_train=x, y_train=np.zeros(len(x), np.int64)))
+    mapped = data._map_npz_member(path, data.npz_headers(path)["x_train"])
+    assert data._mapping_of(mapped) is not None
+    index = np.concatenate([rng.permutation(len(x))[:2_400], [5, 5, 11_999]])
+    with monkeypatch.context() as patch:
+        patch.setattr(data, "CONVERT_CHUNK_BYTES", 3 * 64 * 64 * 4)  # 3 rows a chunk: many boundaries
+        assert np.array_equal(data._take_rows(mapped[:40], index[index < 40]), x[index[index < 40]])
+    data._drop_pages(data._mapping_of(mapped))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    before = _peak_mb()
+    taken = data._take_rows(mapped, index)
+    floats, broken = data._float_rows(mapped, index, 255.0)
+    grown = _peak_mb() - before
+    own = (taken.nbytes + floats.nbytes) / 2**20
+    assert grown < own + 16, f"peak grew {grown:.0f} MB for {own:.0f} MB of rows from a {x.nbytes / 2**20:.0f} MB file"
+    assert np.array_equal(taken, x[index]) and broken == 0
+    assert np.array_equal(floats, x[index] / np.float32(255))
+
+
 def test_npz_layouts(tmp_path: Path) -> None:
     y = np.arange(20) % 2
     grey = load_data(DataConfig(source="npz", path=write_npz(tmp_path / "g.npz", x_train=colour_images(y, (5, 7)), y_train=y)))

@@ -366,29 +366,49 @@ def _float_rows(x: np.ndarray, index: Optional[np.ndarray], scale: float) -> tup
     at a time; and how many of them hold NaN or infinity as float32 (as models see them)."""
     n = len(x) if index is None else len(index)
     out = np.empty((n, *x.shape[1:]), dtype=np.float32)
-    broken, step, mapping = 0, _chunk_rows(x), _mapping_of(x)
+    with np.errstate(over="ignore", invalid="ignore"):
+        _gather_rows(x, index, out)
+    broken, step = 0, _chunk_rows(x)
     for start in range(0, n, step):
-        rows = slice(start, min(n, start + step))
-        with np.errstate(over="ignore", invalid="ignore"):
-            out[rows] = x[rows] if index is None else x[index[rows]]
-        _drop_pages(mapping)
+        rows = out[start:start + step]
         if scale != 1.0:
-            out[rows] /= np.float32(scale)
+            rows /= np.float32(scale)
         if x.dtype.kind in "fc":
-            broken += int((~np.isfinite(out[rows].reshape(rows.stop - start, -1))).any(1).sum())
+            broken += int((~np.isfinite(rows.reshape(len(rows), -1))).any(1).sum())
     return out, broken
 
 
 def _take_rows(x: np.ndarray, index: Optional[np.ndarray]) -> np.ndarray:
     """Rows ``index`` of ``x`` (all when None) as a new contiguous array of ``x``'s dtype, a chunk at a time."""
-    n = len(x) if index is None else len(index)
-    out = np.empty((n, *x.shape[1:]), dtype=x.dtype)
-    step, mapping = _chunk_rows(x), _mapping_of(x)
-    for start in range(0, n, step):
-        rows = slice(start, min(n, start + step))
-        out[rows] = x[rows] if index is None else x[index[rows]]
-        _drop_pages(mapping)
+    out = np.empty((len(x) if index is None else len(index), *x.shape[1:]), dtype=x.dtype)
+    _gather_rows(x, index, out)
     return out
+
+
+def _gather_rows(x: np.ndarray, index: Optional[np.ndarray], out: np.ndarray) -> None:
+    """``out[i] = x[index[i]]`` (``x`` in order when ``index`` is None), a chunk at a time.
+
+    A memory-mapped ``x`` is read in file order, a chunk of its rows at a time, with its pages
+    dropped after each: the kernel maps a file in large folios, so gathering random rows in
+    request order would map nearly the whole file at once (the file's size on top of the peak).
+    """
+    step, mapping = _chunk_rows(x), _mapping_of(x)
+    if index is None:
+        for start in range(0, len(x), step):
+            out[start:start + step] = x[start:start + step]
+            _drop_pages(mapping)
+        return
+    if mapping is None:  # in memory: request order is as cheap
+        for start in range(0, len(index), step):
+            out[start:start + step] = x[index[start:start + step]]
+        return
+    order = np.argsort(index, kind="stable")
+    wanted = index[order]
+    for start in range(0, len(x), step):  # the file's rows in order; each chunk's requested rows to their places
+        lo, hi = np.searchsorted(wanted, (start, start + step))
+        if hi > lo:
+            out[order[lo:hi]] = x[wanted[lo:hi]]
+        _drop_pages(mapping)
 
 
 def _mapping_of(x: np.ndarray) -> Optional[mmap.mmap]:
