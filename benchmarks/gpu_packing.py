@@ -282,7 +282,8 @@ def main() -> None:
             warm = (warmup["mean_trial_s"] or warmup["wall_s"]) + 1.0  # the trial's own time, not its worker's start
             # the same students in every run: fewer of them where the budget cannot hold all (said in the JSON)
             left = args.budget_s - (time.perf_counter() - begun)
-            fit = int(left / (1.2 * warm * sum(1 / k for k in packings)))
+            # packing k students is assumed to pay sqrt(k), not k: a run cut short would lose its figure
+            fit = int(left / (1.1 * warm * sum(1 / k ** 0.5 for k in packings)))
             if fit < len(configs):
                 configs = configs[:max(4, fit)]
                 say(f"budget: {len(configs)} students a run (a trial takes about {warm:.0f} s)")
