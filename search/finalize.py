@@ -22,20 +22,11 @@ log = logging.getLogger("kdsearch")
 def remeasure_latency(space: Space, context: Any, recorder: SearchRecorder, mlflow_client) -> None:
     """Measure every complete student again with no training running; keep the in-search figure.
 
-    In this process, on ``measure.device``: under ``cuda`` on the driver's GPU. The probes refuse a
-    driver where torch sees no GPU; should it have none all the same (a space that skipped them),
-    the quiet phase is skipped with a warning and the front keeps the in-search figures.
-    """
+    In this process, on ``measure.device``: under ``cuda`` on the driver's GPU (the probes refused
+    a driver where torch sees none before the search began)."""
     rows = recorder.complete_rows()
     if not rows:
         return
-    if space.measure.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            log.warning("measure.device: cuda but torch sees no GPU on the driver: the quiet phase is skipped, "
-                        "the front keeps the latencies measured during the search")
-            return
     log.info(f"measuring latency of {len(rows)} complete students in a quiet phase...")
     cache: dict[str, Latency] = {}
     data = context.data

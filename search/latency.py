@@ -29,9 +29,7 @@ Both cache figures by the student's structure. The protocol is the same either w
 thread, warm-up, median of at least 30 runs: :mod:`kdsearch.trainers.measure`). After the
 search, the driver measures every complete student's logged file again in a quiet phase with
 no training running (:func:`artifact_latency`), on ``measure.device``: under ``cuda`` on the
-driver's GPU (the probes refuse a driver where torch sees none; should it have none all the
-same, the quiet phase is skipped with a warning and the in-search figures stand); the front
-uses those figures.
+driver's GPU (the probes refuse a driver where torch sees none); the front uses those figures.
 """
 
 from __future__ import annotations

@@ -521,8 +521,7 @@ def parse_space(raw: Any, source: Optional[Path] = None, text: str = "") -> Spac
     students = _parse_students(raw.get("students"))
     sections = {s: parse_section(m, _section_raw(raw, s), s) for s, m in SEARCHED_SECTIONS.items()}
     measure = _strict(MeasureConfig, raw.get("measure"), "measure")
-    _check_quantizers(measure, sections["compress"].get("quantize", Fixed("none")))
-    _check_device(measure, sections["compress"].get("quantize", Fixed("none")))
+    _check_quantize(measure, sections["compress"].get("quantize", Fixed("none")))
     weights = sections["distill"].get("teacher_weights")
     if weights is not None and isinstance(weights, Fixed) and weights.value is not None and len(weights.value) != len(teachers):
         raise SpaceError("distill.teacher_weights", f"{len(weights.value)} weights for {len(teachers)} teachers",
@@ -559,26 +558,18 @@ def parse_space(raw: Any, source: Optional[Path] = None, text: str = "") -> Spac
                  {k: float(v) for k, v in reference.items()} if reference else None, source, text, measure)
 
 
-def _check_quantizers(measure: MeasureConfig, knob: Knob) -> None:
-    """Every ``compress.quantize`` value the space can sample has a quantizer in ``measure.runtime``."""
+def _check_quantize(measure: MeasureConfig, knob: Knob) -> None:
+    """Every ``compress.quantize`` value the space can sample has a quantizer in ``measure.runtime``,
+    and is ``none`` under ``measure.device: cuda`` (torch.ao's int8 kernels and ONNX Runtime's int8
+    QDQ graphs run on the CPU)."""
     runtime = RUNTIMES.get(measure.runtime, "measure.runtime")
     values = knob.values if isinstance(knob, Choice) else (knob.value,) if isinstance(knob, Fixed) else ()
     for i, value in enumerate(values):
+        where = f"compress.quantize.choice[{i}]" if isinstance(knob, Choice) else "compress.quantize"
         if not runtime.supports(value):
-            where = f"compress.quantize.choice[{i}]" if isinstance(knob, Choice) else "compress.quantize"
             raise SpaceError(where, f"{value!r} has no {measure.runtime} quantizer",
                              f"use one of: {', '.join(runtime.quantizer_names())}, or set measure.runtime: torch")
-
-
-def _check_device(measure: MeasureConfig, knob: Knob) -> None:
-    """Under ``measure.device: cuda`` every ``compress.quantize`` value the space can sample is ``none``:
-    torch.ao's int8 kernels and ONNX Runtime's int8 QDQ graphs run on the CPU."""
-    if measure.device != "cuda":
-        return
-    values = knob.values if isinstance(knob, Choice) else (knob.value,) if isinstance(knob, Fixed) else ()
-    for i, value in enumerate(values):
-        if value != "none":
-            where = f"compress.quantize.choice[{i}]" if isinstance(knob, Choice) else "compress.quantize"
+        if measure.device == "cuda" and value != "none":
             raise SpaceError(where, f"{value!r} is an int8 student whose kernels run on the CPU, not under "
                                     "measure.device: cuda", "use compress.quantize: none, or set measure.device: cpu")
 

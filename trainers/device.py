@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -49,12 +49,13 @@ def setup_device(device: str | torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def fits_on(device: str | torch.device, nbytes: int) -> bool:
-    """Whether ``nbytes`` fit in :data:`DEVICE_SHARE` of the device's free memory (never on a CPU: it is already there)."""
+def fits_on(device: str | torch.device, *tensors: Optional[torch.Tensor]) -> bool:
+    """Whether ``tensors`` (None skipped) fit in :data:`DEVICE_SHARE` of the device's free memory
+    (never on a CPU: they are already there)."""
     if not on_accelerator(device):
         return False
     free, _ = torch.cuda.mem_get_info(torch.device(device))
-    return nbytes <= DEVICE_SHARE * free
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None) <= DEVICE_SHARE * free
 
 
 def to_device(x: torch.Tensor, device: str | torch.device) -> torch.Tensor:
@@ -66,10 +67,6 @@ def to_device(x: torch.Tensor, device: str | torch.device) -> torch.Tensor:
     return x.to(device)
 
 
-def _nbytes(tensors: Sequence[Optional[torch.Tensor]]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
 def place_data(data: Any, device: str | torch.device) -> Any:
     """``data`` (a :class:`~kdsearch.trainers.data.DataBundle`) with its in-memory splits on ``device``
     when they fit; unchanged otherwise (on a CPU, or a loader-backed dataset)."""
@@ -78,7 +75,7 @@ def place_data(data: Any, device: str | torch.device) -> Any:
     splits = {"train": data.train, "val": data.val}
     if not all(isinstance(s, TensorData) for s in splits.values()):
         return data
-    if not fits_on(device, _nbytes([t for s in splits.values() for t in (s.x, s.y)])):
+    if not fits_on(device, *(t for s in splits.values() for t in (s.x, s.y))):
         return data
     return dataclasses.replace(data, **{k: TensorData(s.x.to(device), s.y.to(device)) for k, s in splits.items()})
 
@@ -92,7 +89,7 @@ def place_teachers(teachers: list[Any], device: str | torch.device) -> list[Any]
     for targets in teachers:
         if targets.model is not None:
             to_channels_last(targets.model.to(device))
-        if fits_on(device, _nbytes([targets.logits, *targets.features])):
+        if fits_on(device, targets.logits, *targets.features):
             targets = dataclasses.replace(targets, logits=targets.logits.to(device),
                                           features=[None if f is None else f.to(device) for f in targets.features])
         placed.append(targets)

@@ -158,7 +158,7 @@ class Teaching:
             self.store = view_store(self.data, [t.model for t in self.targets], [t.key for t in self.targets],
                                     self.augment, int(views), context.view_seed, device)
             self.passes += self.store.passes
-            if fits_on(device, self.store.logits.numel() * self.store.logits.element_size()):
+            if fits_on(device, self.store.logits):
                 # this trial's copy on the GPU: a step gathers its targets there (the map is shared on the host)
                 self.store = dataclasses.replace(self.store, logits=self.store.logits.to(device))
 
