@@ -147,19 +147,55 @@ class Oracle:
         pass
 
 
+class RandomDraw:
+    """Random search over the pool: uniform draws, with replacement or (``replace=False``) each
+    trial once, as a search that never runs a configuration twice; that one runs out."""
+
+    def __init__(self, pool: list[dict[str, Any]], replace: bool = True) -> None:
+        self.pool, self.replace = pool, replace
+        self.unused = list(range(len(pool)))
+
+    def next(self, rng: np.random.Generator) -> dict[str, Any]:
+        if self.replace:
+            return self.pool[int(rng.integers(len(self.pool)))]
+        if not self.unused:
+            raise StopIteration
+        return self.pool[self.unused.pop(int(rng.integers(len(self.unused))))]
+
+    def reported(self, trial: Any, epoch: float, values: list[float]) -> None:
+        pass
+
+    def ended(self, trial: Any, values: Optional[list[float]]) -> None:
+        pass
+
+
 def replay(pool: list[dict[str, Any]], per_epoch: int, scheduler: Optional[Any], budget: int, seed: int,
-           reference: dict[str, float], workers: int = 2) -> list[tuple[float, float]]:
-    """One random search over the pool: the HV step curve (epochs spent, HV) as complete trials join."""
+           reference: dict[str, float], workers: int = 2, draw: Optional[Any] = None) -> list[tuple[float, float]]:
+    """One search over the pool: the HV step curve (epochs spent, HV) as complete trials join.
+
+    ``draw`` picks each new trial (``next(rng)``: a pool record, or ``StopIteration`` once it has
+    no new one) and hears each trial's objective vector at every
+    result (``reported``) and its end (``ended``: the final vector, or None when stopped early).
+    The default is :class:`RandomDraw` with replacement. A search whose draw runs out ends when its last trial does.
+    """
     rng = np.random.default_rng(seed)
+    draw = draw or RandomDraw(pool)
     running: list[list[Any]] = []  # [trial, reports done]
-    spent, joined, curve, launched = 0, [], [(0.0, 0.0)], 0
+    spent, joined, curve, launched, exhausted = 0, [], [(0.0, 0.0)], 0, False
     while spent < budget * per_epoch:
-        while len(running) < workers:
+        while len(running) < workers and not exhausted:
+            try:
+                record = draw.next(rng)
+            except StopIteration:
+                exhausted = True
+                break
             launched += 1
-            trial = SimpleNamespace(trial_id=f"trial-{launched}", record=pool[int(rng.integers(len(pool)))])
+            trial = SimpleNamespace(trial_id=f"trial-{launched}", record=record)
             if scheduler is not None:
                 scheduler.on_trial_add(None, trial)
             running.append([trial, 0])
+        if not running:
+            break
         item = min(running, key=lambda entry: entry[1])  # round robin: every worker trains at the same pace
         trial, record = item[0], item[0].record
         item[1] += 1
@@ -167,12 +203,14 @@ def replay(pool: list[dict[str, Any]], per_epoch: int, scheduler: Optional[Any],
         reports = item[1]
         result = {"epoch": reports / per_epoch, "val_acc": record["curve"][reports - 1], "macs": record["macs"],
                   "params": record["params"], "latency_ms": record.get("latency_ms_search", record["latency_ms"])}
+        draw.reported(trial, result["epoch"], [result[m] for m in OBJECTIVES])
         final = reports >= len(record["curve"])
         action = "CONTINUE" if scheduler is None or final else scheduler.on_trial_result(None, trial, result)
         if final or action == "STOP":
             if scheduler is not None:
                 scheduler.on_trial_complete(None, trial, result)
             running.remove(item)
+            draw.ended(trial, [record["val_acc"], result["latency_ms"], record["params"]] if final else None)
         if final:
             joined.append(record)
             curve.append((spent / per_epoch, hypervolume(joined, OBJECTIVES, reference)))

@@ -91,6 +91,7 @@ METHODS = {
     "mf-gp+pasha": ("mf-gp", "pareto-asha"),  # the driver's defaults: GP fitted on the rung results too
     # Syne Tune's MOASHA as shipped (benchmarks/peers.py's adapter), same sampler, rungs and objectives
     "mf-gp+moasha": ("mf-gp", "moasha"),
+    "mf-gp+asha": ("mf-gp", "asha"),  # Ray Tune's ASHA on val_acc alone, same sampler and rungs
 }
 EXPERIMENT = "search-quality"
 #: the driver's first rung (epochs) and eta, the defaults here too
