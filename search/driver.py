@@ -579,20 +579,26 @@ def _drive(space: Space, options: SearchOptions, mlflow_client, exp_id: str, par
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 ),
             )
+        budget = tuner._local_tuner.get_run_config().stop  # a restored search's own stopper
         with warnings.catch_warnings(), sigterm_as_sigint() as signals:
             warnings.simplefilter("ignore")
             results = tuner.fit()
         recorder.adopt(results)  # trials that ended before a resume
-        # Tune returns from fit on SIGINT (or our SIGTERM) with trials still in flight; it stops
-        # running trials itself only when the search is done (budget or samples)
-        stopped_by = signals.name or ("SIGINT" if recorder.running else None)
+        # Tune returns from fit with trials still in flight on SIGINT (or our SIGTERM), and when
+        # the epoch budget is spent: the first is an interrupt, the second the search's own end
+        budget_spent = isinstance(budget, EpochBudget) and budget.stop_all()
+        stopped_by = signals.name or ("SIGINT" if recorder.running and not budget_spent else None)
         if stopped_by:
             interrupted = recorder.interrupt()
             log.info(f"{stopped_by}: stopped; {len(interrupted)} trials in flight ({', '.join(interrupted) or 'none'}) "
                      "end as interrupted, the front so far is marked partial")
-        elif lost := recorder.close_lost():
-            log.info(f"{len(lost)} runs ({', '.join(lost)}) started after Tune last saved its state: "
-                     "not resumable, marked lost")
+        else:
+            if budget_spent and recorder.running:
+                ended = recorder.stop_in_flight(results, f"the search's {budget.budget:g}-epoch budget was spent")
+                log.info(f"epoch budget spent: {len(ended)} trials in flight ({', '.join(ended)}) end as pruned")
+            if lost := recorder.close_lost():
+                log.info(f"{len(lost)} runs ({', '.join(lost)}) started after Tune last saved its state: "
+                         "not resumable, marked lost")
         recorder.flush()  # every trial's writes are in the store (and its row has its run id) before the front
         mlflow_client.set_tag(parent_id, PARTIAL_TAG, str(bool(stopped_by)).lower())
         result = finalize.finish(space, context, recorder, mlflow_client, parent_id, options.log_models,

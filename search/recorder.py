@@ -17,8 +17,8 @@ from typing import Any, Callable, Optional
 from ray import tune
 
 from kdsearch.search.pareto import hypervolume_fraction, pareto_front
-from kdsearch.search.tracking import (NAME_TAG, PARENT_TAG, RUNTIME_TAG, STATUS_TAG, TRIAL_TAG, MlflowWriter, RunRef,
-                                      run_id_of, trial_runs)
+from kdsearch.search.tracking import (NAME_TAG, PARENT_TAG, RUNTIME_TAG, STATUS_TAG, STOP_REASON_TAG, TRIAL_TAG, MlflowWriter,
+                                      RunRef, run_id_of, trial_runs)
 from kdsearch.trainers.runtimes import student_files
 
 log = logging.getLogger("kdsearch")
@@ -107,6 +107,20 @@ class SearchRecorder(tune.Callback):
         on the front; ``kdsearch resume`` continues each in its own run. Returns their names."""
         names = self._kill(self.running, INTERRUPTED)
         self.running.clear()
+        return names
+
+    def stop_in_flight(self, results, reason: str) -> list[str]:
+        """The trials in flight when the search ended on its own (its epoch budget spent): stopped
+        early, so PRUNED, tagged with ``reason``, never on the front. Returns their names."""
+        by_id = {(result.metrics or {}).get("trial_id"): result for result in results}
+        names = []
+        for trial_id in sorted(self.running, key=self.name):
+            result = by_id.get(trial_id)
+            metrics = dict(result.metrics or {}) if result is not None else {}
+            config = result.config if result is not None and result.config is not None else {}
+            self.write.log(self._run_for(trial_id, config), tags={STOP_REASON_TAG: reason})
+            self._finish(trial_id, config, None, PRUNED, metrics, quiet=True)
+            names.append(self.name(trial_id))
         return names
 
     def close_lost(self) -> list[str]:

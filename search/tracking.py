@@ -35,6 +35,7 @@ PARENT_TAG = "mlflow.parentRunId"
 PARTIAL_TAG = "kdsearch.partial"  # "true" on a search that was interrupted: its front is the front so far
 SPACE_TAG = "kdsearch.space_sha256"  # the space file's hash: a search repeated with the same seed is told so
 RUNTIME_TAG = "kdsearch.runtime"  # the runtime a trial's latency, accuracy and size were measured in
+STOP_REASON_TAG = "kdsearch.stop_reason"  # why a trial stopped early when no scheduler stopped it (the epoch budget)
 LATENCY_TAG = "kdsearch.latency_measured_in"  # on a search: "trial" (each its own file) or "measurer" (one actor)
 
 

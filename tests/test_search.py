@@ -193,3 +193,26 @@ def test_front_plot_marks_the_teacher_and_labels_units_and_directions(logged, tm
     trial = payload["front"][0]
     assert "distill.temperature: " in html and trial["trial"] in html  # every knob on hover
     assert payload["teacher"]["val_acc"] > 0 and payload["teacher"]["params"] > 0
+
+
+def test_a_search_that_spends_its_epoch_budget_ends_finished_not_interrupted(tmp_path, teacher_cache):
+    # the budget ends the search mid-trial: Tune returns with trials in flight, as it does on Ctrl-C
+    from mlflow import MlflowClient
+
+    from kdsearch.search.driver import run_search
+    from kdsearch.search.options import SearchOptions
+    from kdsearch.search.tracking import PARTIAL_TAG, STATUS_TAG, STOP_REASON_TAG
+
+    options = SearchOptions(num_samples=20, max_concurrent=2, epochs=2, scheduler="none", budget_epochs=3,
+                            tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="budget",
+                            storage=str(tmp_path / "ray"), seed=0)
+    result = run_search(options=options)
+    assert result.interrupted is None and not result.partial
+    client = MlflowClient(options.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("budget").experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    trials = [r for r in runs if r is not parent]
+    assert parent.info.status == "FINISHED" and parent.data.tags[PARTIAL_TAG] == "false"
+    assert all(r.info.status == "FINISHED" and r.data.tags[STATUS_TAG] in ("complete", "pruned") for r in trials)
+    stopped = [r for r in trials if STOP_REASON_TAG in r.data.tags]
+    assert stopped and all(r.data.tags[STATUS_TAG] == "pruned" and "budget" in r.data.tags[STOP_REASON_TAG] for r in stopped)
