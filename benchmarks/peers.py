@@ -267,19 +267,16 @@ class SamplerDraw:
     def __init__(self, pool: list[dict[str, Any]], sampler: optuna.samplers.BaseSampler, report_at: Callable[[float], bool]) -> None:
         from kdsearch.spaces import load_space
 
-        self.space = load_space()
         self.pool, self.unused = pool, set(range(len(pool)))
         self.report_at = report_at
         self.study = optuna.create_study(directions=["maximize" if d == "max" else "minimize" for d in OBJECTIVES.values()],
                                          sampler=sampler)
-        self.distributions = pool_distributions(self.space, pool)
+        self.distributions = pool_distributions(load_space(), pool)
         # define-by-run as the space's: the family first, then its knobs, then compression
         self.knobs: dict[str, list[str]] = {}
         for trial in pool:
-            config = trial["config"]
-            self.knobs.setdefault(config["student.family"], [])
-            self.knobs[config["student.family"]] += [k for k in config if k in self.distributions and k != "student.family"
-                                                    and k not in self.knobs[config["student.family"]]]
+            knobs = self.knobs.setdefault(trial["config"]["student.family"], [])
+            knobs += [k for k in trial["config"] if k in self.distributions and k != "student.family" and k not in knobs]
         self.trials: dict[int, FrozenTrial] = {}  # id of a pool record in flight -> its Optuna trial
 
     def _nearest(self, proposal: Mapping[str, Any]) -> int:
@@ -335,9 +332,11 @@ def digits_schedulers(max_t: float) -> dict[str, Callable[[], Any]]:
 
 
 def report_points(max_t: float) -> Callable[[float], bool]:
-    """Where a live trial reports (the driver's ``report_points``): every whole epoch and every rung."""
-    rungs = [GRACE * ETA**k for k in range(8) if GRACE * ETA**k < max_t]
-    return lambda epoch: math.isclose(epoch, round(epoch)) or any(math.isclose(epoch, r) for r in rungs)
+    """Where a live trial reports: every whole epoch, and the driver's rungs inside an epoch."""
+    from kdsearch.search.driver import report_points as rungs_inside_epochs
+
+    inside = rungs_inside_epochs("pareto-asha", max_t, GRACE, ETA)
+    return lambda epoch: math.isclose(epoch, round(epoch)) or any(math.isclose(epoch, r) for r in inside)
 
 
 def digits(seeds: int, budget: int, pool_path: Path = POOL) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -210,7 +210,7 @@ def replay(pool: list[dict[str, Any]], per_epoch: int, scheduler: Optional[Any],
             if scheduler is not None:
                 scheduler.on_trial_complete(None, trial, result)
             running.remove(item)
-            draw.ended(trial, [record["val_acc"], result["latency_ms"], record["params"]] if final else None)
+            draw.ended(trial, [{**result, "val_acc": record["val_acc"]}[m] for m in OBJECTIVES] if final else None)
         if final:
             joined.append(record)
             curve.append((spent / per_epoch, hypervolume(joined, OBJECTIVES, reference)))
