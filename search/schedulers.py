@@ -113,7 +113,7 @@ def crowding_distance(points: ArrayLike) -> np.ndarray:
 
 
 def _continues_at_rung(
-    points: np.ndarray, arrival: int, signs: np.ndarray, reduction_factor: float, keep_front: bool = True
+    points: np.ndarray, arrival: int, signs: np.ndarray, reduction_factor: float, keep_front: bool
 ) -> bool:
     """Whether the trial at row ``arrival`` of a rung's results survives the cut.
 
